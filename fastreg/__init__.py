@@ -1,0 +1,24 @@
+"""fastreg: fused L1 / L2 / ElasticNet / group-lasso regularization for PyTorch.
+
+    loss = loss + fastreg.penalty(model.parameters(), l1=1e-5, l2=1e-4)
+    opt = fastreg.Regularized(torch.optim.AdamW(groups, lr=3e-4), l2=0.1, mode="decoupled")
+
+See ``fastreg.functional`` for the math and ``fastreg.Regularized`` for the optimizer wrapper.
+"""
+from .backends import BACKEND_CHOICES
+from .functional import Norms, add_penalty_grad_, decay_, norms, penalty
+from .groups import param_groups
+from .optim import Regularized
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "BACKEND_CHOICES",
+    "Norms",
+    "Regularized",
+    "add_penalty_grad_",
+    "decay_",
+    "norms",
+    "param_groups",
+    "penalty",
+]

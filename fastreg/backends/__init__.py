@@ -1,0 +1,50 @@
+"""Backend registry: every implementation of the op set in :mod:`fastreg.backends.base`.
+
+Adding a backend means adding a module with a :class:`~fastreg.backends.base.Backend`
+subclass and one entry in ``_REGISTERED``; call sites never name backends.
+"""
+from __future__ import annotations
+
+from typing import Dict, Optional, Tuple
+
+import torch
+
+from .base import Backend, Coefficients, accumulate_dtype
+from .torch_backend import TorchBackend
+
+# `auto` takes the first usable backend of this list for a (device, dtype) group; the
+# pure-PyTorch reference is last and always usable.
+_REGISTERED: Tuple[Backend, ...] = (TorchBackend(),)
+
+BACKENDS: Dict[str, Backend] = {backend.name: backend for backend in _REGISTERED}
+BACKEND_CHOICES: Tuple[str, ...] = ("auto",) + tuple(BACKENDS)
+
+
+def get_backend(name: str) -> Backend:
+    try:
+        return BACKENDS[name]
+    except KeyError:
+        raise ValueError(f"unknown backend {name!r}; choose one of {', '.join(BACKEND_CHOICES)}") from None
+
+
+def auto_backend(device: torch.device, dtype: torch.dtype) -> Backend:
+    for backend in _REGISTERED:
+        if backend.unavailable_reason(device, dtype) is None:
+            return backend
+    raise RuntimeError(f"no fastreg backend can run on {device} with {dtype}")  # unreachable: torch runs anywhere
+
+
+def unavailable_reason(name: str, device: torch.device, dtype: torch.dtype) -> Optional[str]:
+    return get_backend(name).unavailable_reason(device, dtype)
+
+
+__all__ = [
+    "BACKENDS",
+    "BACKEND_CHOICES",
+    "Backend",
+    "Coefficients",
+    "accumulate_dtype",
+    "auto_backend",
+    "get_backend",
+    "unavailable_reason",
+]

@@ -1,0 +1,294 @@
+"""``Regularized``: wrap any ``torch.optim.Optimizer`` so each step also applies the penalty."""
+from __future__ import annotations
+
+import warnings
+from collections import OrderedDict
+from typing import Any, Callable, Dict, List, Optional
+
+import torch
+from torch import Tensor
+
+from . import _dispatch
+from .backends import Coefficients
+
+MODES = ("coupled", "decoupled")
+COEFFICIENT_KEYS = ("l1", "l2", "group_lasso")
+STATE_KEY = "fastreg"
+
+
+class Regularized(torch.optim.Optimizer):
+    """A drop-in optimizer that adds L1 / L2 / group-lasso regularization to ``optimizer``.
+
+    Args:
+        optimizer: the optimizer to wrap. The wrapper shares its ``param_groups``,
+            ``state`` and ``defaults`` (they are the same objects, never copies), so
+            schedulers, ``GradScaler``, checkpoints and trainers see one optimizer.
+        l1, l2, group_lasso: default strengths (DESIGN §1: ``l2`` has the 1/2, so its
+            gradient is ``l2 * w``). A param group's own ``"l1"``, ``"l2"`` or
+            ``"group_lasso"`` key overrides the default for that group; groups without
+            the keys get the defaults written in, so they show in ``param_groups`` and
+            can be scheduled like ``"lr"``.
+        mode: ``"coupled"`` adds ``dP/dw`` to every ``.grad`` before the inner step (as
+            ``Adam(weight_decay=...)`` does). ``"decoupled"`` multiplies weights by
+            ``1 - lr*l2`` before the inner step (as AdamW) and applies the proximal maps
+            of the L1 and group-lasso terms after it, which leave exact zeros. ``lr`` is
+            each group's current ``"lr"``, so LR schedulers scale the decay too.
+        group_dim: ``None`` (each tensor is one group-lasso group) or ``0`` (each slice
+            along dim 0 of a tensor with two or more dims).
+        backend: ``"auto"``, or a backend name; ``None`` reads ``FASTREG_BACKEND``.
+        track_penalty: keep ``P`` of the weights each step starts from in
+            :attr:`last_penalty` (a tensor: no host sync). Free in coupled mode; in
+            decoupled mode it costs one extra read of the weights, so it can be switched off.
+
+    With a closure (LBFGS), coupled mode adds the penalty's gradient after every
+    evaluation and returns ``loss + P`` to the inner optimizer, so its line search sees
+    the objective it descends; decoupled mode decays once, after the first evaluation.
+    Under ``torch.amp.GradScaler``, ``scaler.step`` unscales the gradients before calling
+    ``step()``, and a skipped step skips the decay too.
+    """
+
+    # GradScaler must unscale gradients before step(): coupled decay adds to true gradients.
+    _step_supports_amp_scaling = False
+
+    def __init__(
+        self,
+        optimizer: torch.optim.Optimizer,
+        l1: float = 0.0,
+        l2: float = 0.0,
+        group_lasso: float = 0.0,
+        *,
+        mode: str = "coupled",
+        group_dim: Optional[int] = None,
+        backend: Optional[str] = None,
+        track_penalty: bool = True,
+    ) -> None:
+        if not isinstance(optimizer, torch.optim.Optimizer):
+            raise TypeError(f"optimizer must be a torch.optim.Optimizer, got {type(optimizer).__name__}")
+        if isinstance(optimizer, Regularized):
+            raise TypeError("optimizer is already a fastreg.Regularized; wrap the inner optimizer once")
+        if mode not in MODES:
+            raise ValueError(f"mode must be one of {', '.join(MODES)}, got {mode!r}")
+        _dispatch.check_backend_name(backend)
+        coefs = _dispatch.make_coefficients(l1, l2, group_lasso, group_dim)
+        self.optimizer = optimizer
+        self.mode = mode
+        self.group_dim = group_dim
+        self.backend = backend
+        self.track_penalty = bool(track_penalty)
+        self.regularization_defaults = {key: getattr(coefs, key) for key in COEFFICIENT_KEYS}
+        self.last_penalty: Optional[Tensor] = None
+        # What torch.optim.Optimizer.__init__ creates; its params logic is the inner optimizer's.
+        self._optimizer_step_pre_hooks = OrderedDict()
+        self._optimizer_step_post_hooks = OrderedDict()
+        self._optimizer_state_dict_pre_hooks = OrderedDict()
+        self._optimizer_state_dict_post_hooks = OrderedDict()
+        self._optimizer_load_state_dict_pre_hooks = OrderedDict()
+        self._optimizer_load_state_dict_post_hooks = OrderedDict()
+        self._patch_step_function()
+        for index, group in enumerate(self.param_groups):
+            self._adopt_group(group, index)
+
+    # -- shared with the inner optimizer -------------------------------------------------
+    @property
+    def param_groups(self) -> List[Dict[str, Any]]:
+        return self.optimizer.param_groups
+
+    @param_groups.setter
+    def param_groups(self, value: List[Dict[str, Any]]) -> None:
+        self.optimizer.param_groups = value
+
+    @property
+    def state(self):
+        return self.optimizer.state
+
+    @state.setter
+    def state(self, value) -> None:
+        self.optimizer.state = value
+
+    @property
+    def defaults(self) -> Dict[str, Any]:
+        return self.optimizer.defaults
+
+    @defaults.setter
+    def defaults(self, value: Dict[str, Any]) -> None:
+        self.optimizer.defaults = value
+
+    def __getstate__(self) -> Dict[str, Any]:
+        return self.__dict__.copy()
+
+    def __setstate__(self, state: Dict[str, Any]) -> None:
+        self.__dict__.update(state)
+        self._patch_step_function()
+
+    def __repr__(self) -> str:
+        config = ", ".join(f"{k}={v}" for k, v in self.regularization_defaults.items())
+        return f"Regularized({config}, mode={self.mode!r}, group_dim={self.group_dim}, backend={self.backend!r},\n{self.optimizer!r})"
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        self.optimizer.zero_grad(set_to_none=set_to_none)
+
+    def add_param_group(self, param_group: Dict[str, Any]) -> None:
+        self.optimizer.add_param_group(param_group)
+        self._adopt_group(self.param_groups[-1], len(self.param_groups) - 1)
+
+    def _adopt_group(self, group: Dict[str, Any], index: int) -> None:
+        """Write the default strengths into a group that lacks them, and check it now, so a
+        bad strength or tensor fails here rather than halfway through a step."""
+        for key in COEFFICIENT_KEYS:
+            group[key] = _dispatch.check_coefficient(f"param_groups[{index}][{key!r}]", group.get(key, self.regularization_defaults[key]))
+        if any(group[key] for key in COEFFICIENT_KEYS):
+            _dispatch.tensor_list(group["params"], name=f"param_groups[{index}]['params']")
+        weight_decay = group.get("weight_decay", 0)
+        if isinstance(weight_decay, (int, float)) and weight_decay > 0:
+            warnings.warn(
+                f"the wrapped {type(self.optimizer).__name__} also applies weight_decay={weight_decay} to param group "
+                f"{index}, on top of fastreg's regularization; set weight_decay=0 there (fastreg.param_groups does) "
+                "unless you want both",
+                UserWarning,
+                stacklevel=3,
+            )
+
+    # -- the step -------------------------------------------------------------------------
+    def _coefficients(self, group: Dict[str, Any], **only) -> Coefficients:
+        values = {key: group[key] for key in COEFFICIENT_KEYS}
+        values.update(only)
+        return _dispatch.make_coefficients(group_dim=self.group_dim, **values)
+
+    def _run(self, op: Callable, group: Dict[str, Any], coefs: Coefficients, *args) -> List[Tensor]:
+        """Apply a functional op to one param group, once per device (a model may span
+        devices); returns the values it produced."""
+        by_device: Dict[torch.device, List[Tensor]] = {}
+        for t in group["params"]:
+            by_device.setdefault(t.device, []).append(t)
+        values = []
+        for tensors in by_device.values():
+            value = op(tensors, *args, **_as_kwargs(coefs), backend=self.backend)
+            if value is not None:
+                values.append(value)
+        return values
+
+    def _record(self, values: List[Tensor]) -> None:
+        if not values:
+            self.last_penalty = None
+            return
+        dtype = torch.float64 if any(v.dtype == torch.float64 for v in values) else torch.float32
+        self.last_penalty = _dispatch.total(values, dtype, values[0].device)
+
+    def _add_penalty_grads(self) -> None:
+        from .functional import add_penalty_grad_
+
+        values = []
+        for group in self.param_groups:
+            coefs = self._coefficients(group)
+            if not coefs.is_zero():
+                values += self._run(add_penalty_grad_, group, coefs)
+        self._record(values)
+
+    def _decay(self, before_inner_step: bool) -> None:
+        """AdamW's multiplicative decay before the inner step, the proximal maps after it."""
+        from .functional import decay_, penalty
+
+        values = []
+        for group in self.param_groups:
+            full = self._coefficients(group)
+            if full.is_zero():
+                continue
+            if before_inner_step:
+                if self.track_penalty:
+                    with torch.no_grad():
+                        values += self._run(penalty, group, full)
+                coefs = full.replace(l1=0.0, group_lasso=0.0)
+            else:
+                coefs = full.replace(l2=0.0)
+            if not coefs.is_zero():
+                self._run(decay_, group, coefs, group["lr"])
+        if before_inner_step:
+            self._record(values)
+
+    def step(self, closure: Optional[Callable[[], Any]] = None):
+        if self.mode == "coupled":
+            if closure is None:
+                self._add_penalty_grads()
+                return self.optimizer.step()
+            return self.optimizer.step(self._coupled_closure(closure))
+        if closure is None:
+            self._decay(before_inner_step=True)
+            loss = self.optimizer.step()
+        else:
+            loss = self.optimizer.step(self._decoupled_closure(closure))
+        self._decay(before_inner_step=False)
+        return loss
+
+    def _coupled_closure(self, closure: Callable[[], Any]) -> Callable[[], Any]:
+        def regularized_closure():
+            loss = closure()
+            self._add_penalty_grads()
+            if loss is None or self.last_penalty is None:
+                return loss
+            if isinstance(loss, Tensor):
+                return loss + self.last_penalty.to(device=loss.device, dtype=loss.dtype)
+            return loss + self.last_penalty
+
+        return regularized_closure
+
+    def _decoupled_closure(self, closure: Callable[[], Any]) -> Callable[[], Any]:
+        decayed = False
+
+        def regularized_closure():
+            nonlocal decayed
+            loss = closure()
+            if not decayed:
+                decayed = True
+                self._decay(before_inner_step=True)
+            return loss
+
+        return regularized_closure
+
+    # -- checkpoints ----------------------------------------------------------------------
+    def _config(self) -> Dict[str, Any]:
+        return {
+            "defaults": dict(self.regularization_defaults),
+            "mode": self.mode,
+            "group_dim": self.group_dim,
+            "backend": self.backend,
+            "track_penalty": self.track_penalty,
+        }
+
+    def state_dict(self) -> Dict[str, Any]:
+        """The inner optimizer's state dict plus fastreg's config under ``"fastreg"``."""
+        for hook in self._optimizer_state_dict_pre_hooks.values():
+            hook(self)
+        state_dict = self.optimizer.state_dict()
+        state_dict[STATE_KEY] = self._config()
+        for hook in self._optimizer_state_dict_post_hooks.values():
+            result = hook(self, state_dict)
+            if result is not None:
+                state_dict = result
+        return state_dict
+
+    def load_state_dict(self, state_dict: Dict[str, Any]) -> None:
+        """Load a state dict from :meth:`state_dict` (or a plain one of the inner optimizer)."""
+        for hook in self._optimizer_load_state_dict_pre_hooks.values():
+            result = hook(self, state_dict)
+            if result is not None:
+                state_dict = result
+        state_dict = dict(state_dict)
+        config = state_dict.pop(STATE_KEY, None)
+        if config is not None:
+            if config["mode"] not in MODES:
+                raise ValueError(f"state_dict['{STATE_KEY}']['mode'] must be one of {', '.join(MODES)}, got {config['mode']!r}")
+            _dispatch.check_backend_name(config["backend"])
+            coefs = _dispatch.make_coefficients(group_dim=config["group_dim"], **config["defaults"])
+        self.optimizer.load_state_dict(state_dict)
+        if config is not None:
+            self.regularization_defaults = {key: getattr(coefs, key) for key in COEFFICIENT_KEYS}
+            self.mode, self.group_dim = config["mode"], config["group_dim"]
+            self.backend, self.track_penalty = config["backend"], config["track_penalty"]
+        for index, group in enumerate(self.param_groups):
+            self._adopt_group(group, index)
+        for hook in self._optimizer_load_state_dict_post_hooks.values():
+            hook(self)
+
+
+def _as_kwargs(coefs: Coefficients) -> Dict[str, Any]:
+    return {"l1": coefs.l1, "l2": coefs.l2, "group_lasso": coefs.group_lasso, "group_dim": coefs.group_dim}
