@@ -46,7 +46,6 @@ class _Plan(NamedTuple):
 
 def _plan(tensors: List[Tensor], backend: Optional[str]) -> _Plan:
     """Choose every group's backend before any work runs, so a refusal changes nothing."""
-    _dispatch.check_backend_name(backend)
     groups = [(_dispatch.backend_for(backend, device, dtype), indices) for device, dtype, indices in _dispatch.split(tensors)]
     return _Plan(tensors, groups)
 
@@ -91,6 +90,7 @@ def penalty(
         loss = criterion(model(x), y) + fastreg.penalty(model.parameters(), l1=1e-5, l2=1e-4)
     """
     coefs = _dispatch.make_coefficients(l1, l2, group_lasso, group_dim)
+    _dispatch.check_backend_name(backend)
     tensors = _dispatch.tensor_list(params)
     if not tensors:
         return torch.zeros(())
@@ -102,6 +102,7 @@ def penalty(
 
 def norms(params: TensorOrTensors, *, backend: Optional[str] = None) -> Norms:
     """Total and per-tensor L1 and L2 norms of ``params``, without gradient tracking."""
+    _dispatch.check_backend_name(backend)
     tensors = _dispatch.tensor_list(params)
     dtype = _dispatch.result_dtype(tensors)
     if not tensors:
@@ -137,6 +138,7 @@ def add_penalty_grad_(
     ``optimizer.step()``; with ``l2`` alone and SGD this is ``SGD(weight_decay=l2)``.
     """
     coefs = _dispatch.make_coefficients(l1, l2, group_lasso, group_dim)
+    _dispatch.check_backend_name(backend)
     tensors, grads = _dispatch.grads_of(_dispatch.tensor_list(params))
     if not tensors:
         return torch.zeros(())
@@ -165,9 +167,9 @@ def decay_(
     """
     coefs = _dispatch.make_coefficients(l1, l2, group_lasso, group_dim)
     lr = _dispatch.check_lr(lr)
+    _dispatch.check_backend_name(backend)
     tensors = _dispatch.tensor_list(params)
     if not tensors or coefs.is_zero():
-        _plan(tensors, backend)  # still reject an unknown backend name
         return
     _dispatch.single_device(tensors)
     plan = _plan(tensors, backend)

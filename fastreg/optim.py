@@ -155,11 +155,13 @@ class Regularized(torch.optim.Optimizer):
         return _dispatch.make_coefficients(group_dim=self.group_dim, **values)
 
     def _run(self, op: Callable, group: Dict[str, Any], coefs: Coefficients, *args) -> List[Tensor]:
-        """Apply a functional op to one param group, once per device (a model may span
-        devices); returns the values it produced."""
+        """Apply a functional op to the params of one group that have a gradient (like
+        torch's optimizers, frozen or unused params are neither updated nor decayed), once
+        per device, as a model may span devices; returns the values the op produced."""
         by_device: Dict[torch.device, List[Tensor]] = {}
         for t in group["params"]:
-            by_device.setdefault(t.device, []).append(t)
+            if t.grad is not None:
+                by_device.setdefault(t.device, []).append(t)
         values = []
         for tensors in by_device.values():
             value = op(tensors, *args, **_as_kwargs(coefs), backend=self.backend)

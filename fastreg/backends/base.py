@@ -16,6 +16,7 @@ Conventions shared by all backends, so their results agree:
 - Reductions accumulate in :func:`accumulate_dtype` of the parameter dtype and are
   deterministic (same input, bit-identical output on every run).
 - A group norm is ``sqrt(sum w^2)`` of the group.
+- A tensor ``lr`` takes part in the arithmetic in the accumulate dtype.
 
 The dispatch (``fastreg._dispatch``) has already validated every argument before a
 backend sees it: ``params`` is a non-empty list of dense tensors of one device and one

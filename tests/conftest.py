@@ -1,0 +1,48 @@
+from __future__ import annotations
+
+import pytest
+import torch
+
+from fastreg.backends import BACKENDS
+
+CPU = torch.device("cpu")
+DTYPES = [torch.float32, torch.float64, torch.bfloat16, torch.float16]
+
+# How far a result in a given parameter dtype may be from the fp64 reference.
+# Values accumulate in fp32/fp64, so they are tight for every dtype; tensors written back
+# in the parameter dtype are rounded once, so their tolerance is that dtype's resolution.
+VALUE_RTOL = {torch.float64: 1e-12, torch.float32: 2e-6, torch.bfloat16: 2e-6, torch.float16: 2e-6}
+TENSOR_TOL = {
+    torch.float64: dict(rtol=1e-12, atol=1e-15),
+    torch.float32: dict(rtol=2e-6, atol=1e-7),
+    torch.bfloat16: dict(rtol=8e-3, atol=1e-5),
+    torch.float16: dict(rtol=1e-3, atol=1e-6),
+}
+
+
+def usable_backends(device=CPU, dtype=torch.float32):
+    return [name for name, b in BACKENDS.items() if b.unavailable_reason(device, dtype) is None]
+
+
+@pytest.fixture(params=usable_backends())
+def backend(request):
+    """Every backend that can run on CPU here; a backend that must work has its own test file
+    that fails (not skips) when it cannot run."""
+    return request.param
+
+
+def random_params(shapes, dtype=torch.float32, seed=0, zero_fraction=0.1, grad=False):
+    """Leaf tensors with some exact zeros (sign(0) = 0 matters) and, optionally, random grads."""
+    generator = torch.Generator().manual_seed(seed)
+    params = []
+    for shape in shapes:
+        w = torch.randn(shape, generator=generator, dtype=torch.float64)
+        w[torch.rand(shape, generator=generator) < zero_fraction] = 0
+        p = w.to(dtype).requires_grad_()
+        if grad:
+            p.grad = torch.randn(shape, generator=generator, dtype=torch.float64).to(dtype)
+        params.append(p)
+    return params
+
+
+ODD_SHAPES = [(7, 13), (1,), (), (3, 1, 5), (0,), (2, 0, 3), (129,), (65, 3)]
