@@ -152,7 +152,9 @@ def result_dtype(tensors: Sequence[Tensor]) -> torch.dtype:
 
 def total(values: Sequence[Tensor], dtype: torch.dtype, device: torch.device) -> Tensor:
     """Sum per-group values in group order (deterministic), on ``device``."""
-    result = torch.zeros((), dtype=dtype, device=device)
-    for v in values:
+    if not values:
+        return torch.zeros((), dtype=dtype, device=device)
+    result = values[0].to(device=device, dtype=dtype)
+    for v in values[1:]:
         result = result + v.to(device=device, dtype=dtype)
     return result

@@ -11,7 +11,7 @@ group. The math is in :mod:`fastreg.backends.base`; in short::
 """
 from __future__ import annotations
 
-from typing import List, NamedTuple, Optional, Sequence
+from typing import List, NamedTuple, Optional, Sequence, Tuple
 
 import torch
 from torch import Tensor
@@ -39,15 +39,27 @@ class Norms(NamedTuple):
         return self.l2_squared.sqrt()
 
 
-class _Plan(NamedTuple):
+class _Call(NamedTuple):
     tensors: List[Tensor]
-    groups: List[tuple]  # (backend, indices)
+    grads: Optional[List[Tensor]]
+    plan: List[Tuple[Backend, List[int]]]  # (backend, indices) per (device, dtype) group
 
 
-def _plan(tensors: List[Tensor], backend: Optional[str]) -> _Plan:
-    """Choose every group's backend before any work runs, so a refusal changes nothing."""
-    groups = [(_dispatch.backend_for(backend, device, dtype), indices) for device, dtype, indices in _dispatch.split(tensors)]
-    return _Plan(tensors, groups)
+def _prepare(params: TensorOrTensors, backend: Optional[str], with_grads: bool = False) -> _Call:
+    """Check every tensor and choose every group's backend before any work runs, so a bad
+    call (or a backend that refuses a group) changes nothing."""
+    _dispatch.check_backend_name(backend)
+    tensors, grads = _dispatch.tensor_list(params), None
+    if with_grads:
+        tensors, grads = _dispatch.grads_of(tensors)
+    _dispatch.single_device(tensors)
+    plan = [(_dispatch.backend_for(backend, device, dtype), indices) for device, dtype, indices in _dispatch.split(tensors)]
+    return _Call(tensors, grads, plan)
+
+
+def _total(values: List[Tensor], tensors: List[Tensor]) -> Tensor:
+    device = tensors[0].device if tensors else torch.device("cpu")
+    return _dispatch.total(values, _dispatch.result_dtype(tensors), device)
 
 
 def _select(tensors: Sequence[Tensor], indices: List[int]) -> List[Tensor]:
@@ -66,8 +78,6 @@ class _PenaltyFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_output: Tensor):
         params = ctx.saved_tensors
-        if not any(ctx.needs_input_grad[2:]):
-            return (None, None) + (None,) * len(params)
         grads = ctx.backend.penalty_backward(list(params), grad_output, ctx.coefs)
         grads = [g if needed else None for g, needed in zip(grads, ctx.needs_input_grad[2:])]
         return (None, None, *grads)
@@ -90,33 +100,24 @@ def penalty(
         loss = criterion(model(x), y) + fastreg.penalty(model.parameters(), l1=1e-5, l2=1e-4)
     """
     coefs = _dispatch.make_coefficients(l1, l2, group_lasso, group_dim)
-    _dispatch.check_backend_name(backend)
-    tensors = _dispatch.tensor_list(params)
-    if not tensors:
-        return torch.zeros(())
-    _dispatch.single_device(tensors)
-    plan = _plan(tensors, backend)
-    values = [_PenaltyFunction.apply(be, coefs, *_select(tensors, idx)) for be, idx in plan.groups]
-    return _dispatch.total(values, _dispatch.result_dtype(tensors), tensors[0].device)
+    tensors, _, plan = _prepare(params, backend)
+    return _total([_PenaltyFunction.apply(be, coefs, *_select(tensors, idx)) for be, idx in plan], tensors)
 
 
 def norms(params: TensorOrTensors, *, backend: Optional[str] = None) -> Norms:
     """Total and per-tensor L1 and L2 norms of ``params``, without gradient tracking."""
-    _dispatch.check_backend_name(backend)
-    tensors = _dispatch.tensor_list(params)
+    tensors, _, plan = _prepare(params, backend)
     dtype = _dispatch.result_dtype(tensors)
     if not tensors:
         zero, empty = torch.zeros((), dtype=dtype), torch.zeros(0, dtype=dtype)
         return Norms(zero, zero, empty, empty)
-    _dispatch.single_device(tensors)
-    plan = _plan(tensors, backend)
     with torch.no_grad():
-        per_group = [be.norms(_select(tensors, idx)) for be, idx in plan.groups]
+        per_group = [be.norms(_select(tensors, idx)) for be, idx in plan]
         if len(per_group) == 1:
             abs_sums, sq_sums = (x.to(dtype) for x in per_group[0])
         else:  # put each group's entries back at their tensors' positions
             abs_parts, sq_parts = [None] * len(tensors), [None] * len(tensors)
-            for (_, idx), (group_abs, group_sq) in zip(plan.groups, per_group):
+            for (_, idx), (group_abs, group_sq) in zip(plan, per_group):
                 for i, a, s in zip(idx, group_abs.to(dtype).unbind(), group_sq.to(dtype).unbind()):
                     abs_parts[i], sq_parts[i] = a, s
             abs_sums, sq_sums = torch.stack(abs_parts), torch.stack(sq_parts)
@@ -138,15 +139,10 @@ def add_penalty_grad_(
     ``optimizer.step()``; with ``l2`` alone and SGD this is ``SGD(weight_decay=l2)``.
     """
     coefs = _dispatch.make_coefficients(l1, l2, group_lasso, group_dim)
-    _dispatch.check_backend_name(backend)
-    tensors, grads = _dispatch.grads_of(_dispatch.tensor_list(params))
-    if not tensors:
-        return torch.zeros(())
-    _dispatch.single_device(tensors)
-    plan = _plan(tensors, backend)
+    tensors, grads, plan = _prepare(params, backend, with_grads=True)
     with torch.no_grad():
-        values = [be.add_grad_(_select(tensors, idx), _select(grads, idx), coefs) for be, idx in plan.groups]
-    return _dispatch.total(values, _dispatch.result_dtype(tensors), tensors[0].device)
+        values = [be.add_grad_(_select(tensors, idx), _select(grads, idx), coefs) for be, idx in plan]
+    return _total(values, tensors)
 
 
 def decay_(
@@ -167,12 +163,9 @@ def decay_(
     """
     coefs = _dispatch.make_coefficients(l1, l2, group_lasso, group_dim)
     lr = _dispatch.check_lr(lr)
-    _dispatch.check_backend_name(backend)
-    tensors = _dispatch.tensor_list(params)
-    if not tensors or coefs.is_zero():
+    tensors, _, plan = _prepare(params, backend)
+    if coefs.is_zero():
         return
-    _dispatch.single_device(tensors)
-    plan = _plan(tensors, backend)
     with torch.no_grad():
-        for be, idx in plan.groups:
+        for be, idx in plan:
             be.decay_(_select(tensors, idx), lr, coefs)
