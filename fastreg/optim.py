@@ -1,6 +1,7 @@
 """``Regularized``: wrap any ``torch.optim.Optimizer`` so each step also applies the penalty."""
 from __future__ import annotations
 
+import dataclasses
 import warnings
 from collections import OrderedDict
 from typing import Any, Callable, Dict, List, Optional
@@ -10,6 +11,7 @@ from torch import Tensor
 
 from . import _dispatch
 from .backends import Coefficients
+from .functional import add_penalty_grad_, decay_, penalty
 
 MODES = ("coupled", "decoupled")
 COEFFICIENT_KEYS = ("l1", "l2", "group_lasso")
@@ -149,10 +151,8 @@ class Regularized(torch.optim.Optimizer):
             )
 
     # -- the step -------------------------------------------------------------------------
-    def _coefficients(self, group: Dict[str, Any], **only) -> Coefficients:
-        values = {key: group[key] for key in COEFFICIENT_KEYS}
-        values.update(only)
-        return _dispatch.make_coefficients(group_dim=self.group_dim, **values)
+    def _coefficients(self, group: Dict[str, Any]) -> Coefficients:
+        return _dispatch.make_coefficients(group_dim=self.group_dim, **{key: group[key] for key in COEFFICIENT_KEYS})
 
     def _run(self, op: Callable, group: Dict[str, Any], coefs: Coefficients, *args) -> List[Tensor]:
         """Apply a functional op to the params of one group that have a gradient (like
@@ -164,21 +164,15 @@ class Regularized(torch.optim.Optimizer):
                 by_device.setdefault(t.device, []).append(t)
         values = []
         for tensors in by_device.values():
-            value = op(tensors, *args, **_as_kwargs(coefs), backend=self.backend)
+            value = op(tensors, *args, **dataclasses.asdict(coefs), backend=self.backend)
             if value is not None:
                 values.append(value)
         return values
 
     def _record(self, values: List[Tensor]) -> None:
-        if not values:
-            self.last_penalty = None
-            return
-        dtype = torch.float64 if any(v.dtype == torch.float64 for v in values) else torch.float32
-        self.last_penalty = _dispatch.total(values, dtype, values[0].device)
+        self.last_penalty = _dispatch.total(values, _dispatch.result_dtype(values), values[0].device) if values else None
 
     def _add_penalty_grads(self) -> None:
-        from .functional import add_penalty_grad_
-
         values = []
         for group in self.param_groups:
             coefs = self._coefficients(group)
@@ -188,8 +182,6 @@ class Regularized(torch.optim.Optimizer):
 
     def _decay(self, before_inner_step: bool) -> None:
         """AdamW's multiplicative decay before the inner step, the proximal maps after it."""
-        from .functional import decay_, penalty
-
         values = []
         for group in self.param_groups:
             full = self._coefficients(group)
@@ -291,6 +283,3 @@ class Regularized(torch.optim.Optimizer):
         for hook in self._optimizer_load_state_dict_post_hooks.values():
             hook(self)
 
-
-def _as_kwargs(coefs: Coefficients) -> Dict[str, Any]:
-    return {"l1": coefs.l1, "l2": coefs.l2, "group_lasso": coefs.group_lasso, "group_dim": coefs.group_dim}
