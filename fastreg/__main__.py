@@ -1,16 +1,17 @@
-"""fastreg's command line: ``python -m fastreg {info,bench}``."""
+"""fastreg's command line: ``python -m fastreg {info,bench,report}``."""
 from __future__ import annotations
 
 import argparse
 import dataclasses
 import json
 import sys
-from typing import List, Optional
+from typing import List, Optional, Sequence
 
 import torch
 from tabulate import tabulate
+from tqdm import tqdm
 
-from . import __version__, bench
+from . import __version__, bench, report, workloads
 from .backends import BACKENDS
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16, "fp64": torch.float64}
@@ -49,66 +50,80 @@ def cmd_info(args: argparse.Namespace) -> int:
     return 0
 
 
-def _fmt(value: Optional[float], spec: str) -> str:
-    return "" if value is None else format(value, spec)
+def _names(values: Sequence[str], choices: Sequence[str], option: str) -> List[str]:
+    names = list(choices) if "all" in values else list(dict.fromkeys(values))
+    unknown = [n for n in names if n not in choices]
+    if unknown:
+        raise SystemExit(f"{option}: unknown {', '.join(unknown)}; choose from {', '.join(choices)} or all")
+    return names
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     if args.threads:
         torch.set_num_threads(args.threads)
-    backends = None
-    if args.backends:
-        backends = [b.strip() for b in args.backends.split(",") if b.strip()]
-        unknown = [b for b in backends if b not in BACKENDS]
-        if unknown:
-            raise SystemExit(f"--backends: unknown {', '.join(unknown)}; choose from {', '.join(BACKENDS)}")
-    dtype = DTYPES[args.dtype]
-    params = bench.gpt2_small(args.size, dtype, device, seed=args.seed)
-    n_params = sum(p.numel() for p in params)
+    backends = _names(args.backends.split(","), list(BACKENDS), "--backends") if args.backends else None
+    setting = bench.Setting(l1=args.l1, l2=args.l2, lr=args.lr)
+    if args.scaling:
+        dtype = DTYPES[args.dtype or "fp32"]
+        series = [(size, build()) for size, build in workloads.scaling_series(args.scaling, dtype, device, args.seed, args.max_params)]
+        task_names = ["grad"]
+    else:
+        task_names = _names(args.task, list(bench.TASKS), "--task")
+        series = []
+        for name in _names(args.workload, list(workloads.WORKLOADS), "--workload"):
+            dtype = DTYPES[args.dtype] if args.dtype else workloads.DEFAULT_DTYPES[name]
+            series.append((args.size, workloads.WORKLOADS[name](args.size, dtype, device, seed=args.seed)))
     env = bench.environment(device)
-    print(
-        f"GPT-2-small shapes: {len(params)} tensors, {n_params / 1e6:.1f}M params, {args.dtype}, each with a grad | "
-        f"coupled ElasticNet value + grad (l1={args.l1:g}, l2={args.l2:g}) | {env['device']}, {env['threads']} threads, "
-        f"torch {env['torch']}",
-        flush=True,
-    )
+    print(f"{env['device']}, {env['threads']} threads, torch {env['torch']} | l1={args.l1:g}, l2={args.l2:g}, lr={args.lr:g}")
+    plan = []
+    for size, workload in series:
+        for task_name in task_names:
+            task = bench.TASKS[task_name]
+            reason = task.applies_to(workload)
+            if reason is None:
+                plan.append((size, workload, task))
+            else:
+                print(f"skipping {task.name} on {workload.name}: {reason}")
+    total = sum(len(bench.make_cases(task, workload, setting, compile=False, backends=backends)) for _, workload, task in plan)
+    runs = []
+    with tqdm(total=total, unit="case", file=sys.stderr, disable=True if args.quiet else None) as progress:
 
-    def progress(name: str) -> None:
-        print(f"  checking and timing {name} ...", file=sys.stderr, flush=True)
+        def advance(name: str) -> None:
+            progress.set_description(name[:40])
+            progress.update()
 
-    results = bench.run(
-        params, args.l1, args.l2, compile=not args.no_compile, backends=backends, min_run_time=args.min_time, progress=progress
-    )
-    rows = [
-        [
-            r.name,
-            _fmt(r.median_ms, ".2f"),
-            _fmt(r.gb_per_s, ".1f"),
-            _fmt(r.x_floor, ".2f"),
-            _fmt(r.speedup_vs_naive, ".1f"),
-            _fmt(r.value_error, ".1e"),
-            _fmt(r.grad_error, ".1e"),
-            r.note,
-        ]
-        for r in results
-    ]
-    headers = ["implementation", "time (ms)", "GB/s", "x floor", "speedup vs naive", "value err", "grad err", "note"]
-    print(tabulate(rows, headers=headers, disable_numparse=True))
-    print(
-        "errors: relative to the torch reference backend (Tensor.sum accumulation); GB/s counts w and g read, g written once",
-    )
+        for size, workload, task in plan:
+            results = bench.run(
+                task, workload, setting, compile=not args.no_compile, backends=backends, min_run_time=args.min_time, progress=advance
+            )
+            record = report.run_record(workload, size, task, results)
+            runs.append(record)
+            progress.write(f"\n{report.title(record)}\n{report.table(record)}")
+    print("errors: relative to the torch reference backend; GB/s counts the bytes a single pass must move")
+    document = report.document(env, dataclasses.asdict(setting), runs, scaling=args.scaling)
     if args.json:
-        record = {
-            "schema": "fastreg-bench/1",
-            "environment": env,
-            "workload": {"name": "gpt2-small", "size": args.size, "tensors": len(params), "params": n_params, "dtype": args.dtype},
-            "task": {"name": "coupled value+grad", "l1": args.l1, "l2": args.l2},
-            "results": [dataclasses.asdict(r) for r in results],
-        }
         with open(args.json, "w") as f:
-            json.dump(record, f, indent=2)
+            json.dump(document, f, indent=2)
         print(f"wrote {args.json}")
+    if args.plot:
+        report.plot([document], args.plot)
+        print(f"wrote {args.plot}")
+    return 0
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    records = [report.load(path) for path in args.files]
+    text = report.markdown(records)
+    if args.markdown:
+        with open(args.markdown, "w") as f:
+            f.write(text + "\n")
+        print(f"wrote {args.markdown}")
+    else:
+        print(text)
+    if args.plot:
+        report.plot(records, args.plot)
+        print(f"wrote {args.plot}")
     return 0
 
 
@@ -123,21 +138,39 @@ def parser() -> argparse.ArgumentParser:
     b = sub.add_parser(
         "bench",
         help="fastreg vs the naive loop, foreach, torch.compile and the bandwidth floor",
-        description="Coupled ElasticNet value + grad on GPT-2-small parameter shapes: every implementation is "
-        "checked against the torch reference, then timed in the same run.",
+        description="Every implementation of a task is checked against the torch reference backend, then timed "
+        "in the same run; ratios (x floor, speedup vs naive) are within that run. Run it on an otherwise idle "
+        "machine: CPU threads stall when another process holds a core.",
     )
-    b.add_argument("--size", type=float, default=1.0, help="fraction of GPT-2 small's 124.4M parameters, in (0, 1] (default 1)")
-    b.add_argument("--dtype", choices=sorted(DTYPES), default="fp32")
+    b.add_argument("--workload", nargs="+", default=["gpt2-small"], metavar="NAME",
+                   help=f"one or more of {', '.join(workloads.WORKLOADS)}, or all (default gpt2-small)")
+    b.add_argument("--task", nargs="+", default=["grad"], metavar="NAME",
+                   help=f"one or more of {', '.join(bench.TASKS)}, or all (default grad: coupled value + grad)")
+    b.add_argument("--size", type=float, default=1.0, help="scale of the workload, 1 = the real model (default 1)")
+    b.add_argument("--dtype", choices=sorted(DTYPES), help="parameter dtype (default: the workload's, e.g. bf16 for llama-1b)")
     b.add_argument("--device", help="cpu, cuda, cuda:1, ... (default: cuda if available, else cpu)")
     b.add_argument("--l1", type=float, default=1e-5)
     b.add_argument("--l2", type=float, default=1e-4)
+    b.add_argument("--lr", type=float, default=1e-3, help="step size of the decay task")
     b.add_argument("--backends", help=f"comma-separated fastreg backends (default: all of {', '.join(BACKENDS)})")
-    b.add_argument("--no-compile", action="store_true", help="skip the torch.compile peer (its compile takes a while)")
+    b.add_argument("--no-compile", action="store_true", help="skip the torch.compile peers (each compile takes a while)")
     b.add_argument("--min-time", type=float, default=1.0, help="seconds of timing per implementation (default 1)")
     b.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
     b.add_argument("--seed", type=int, default=0)
+    b.add_argument("--scaling", choices=["params", "tensors"],
+                   help="instead of --workload/--task: coupled value + grad vs total parameters (GPT-2 shapes, 1M up "
+                   "to --max-params) or vs tensor count (10 to 10,000 tensors, 4M elements in all)")
+    b.add_argument("--max-params", type=float, default=124.4e6, help="largest workload of --scaling params (default 124.4e6)")
     b.add_argument("--json", metavar="PATH", help="also write the results, with device and versions, as JSON")
+    b.add_argument("--plot", metavar="PATH", help='also draw them to a PNG (needs matplotlib: pip install "fastreg[plot]")')
+    b.add_argument("--quiet", action="store_true", help="no progress bar")
     b.set_defaults(func=cmd_bench)
+
+    r = sub.add_parser("report", help="tables and plots from saved bench JSON files, to compare machines or commits")
+    r.add_argument("files", nargs="+", metavar="JSON")
+    r.add_argument("--markdown", metavar="PATH", help="write the markdown there instead of printing it")
+    r.add_argument("--plot", metavar="PATH", help="also draw the results to a PNG")
+    r.set_defaults(func=cmd_report)
     return top
 
 

@@ -1,13 +1,17 @@
-"""The one benchmark harness: fastreg against the loops people write, in one run.
+"""The one benchmark harness: fastreg against the loops people write, side by side in one run.
 
-Every implementation of a task is first checked against the ``torch`` reference
-backend, then timed with ``torch.utils.benchmark`` (which synchronizes CUDA and runs with
-the process's thread count here), and reported as a ratio to the single-pass floor and
-to the naive autograd loop. The CLI (``python -m fastreg bench``) and the pytest-benchmark
-suite (``benchmarks/``) both build on :func:`cases` and :func:`run`.
+A *task* (coupled value + grad, norms, decoupled decay, a training step) has several
+*cases*: the single-pass floor, the naive loop people write, a no-grad loop,
+``torch._foreach_*``, ``torch.compile`` of the loop, and every usable fastreg backend.
+Every case is first checked against the ``torch`` reference backend, then timed with
+``torch.utils.benchmark`` (which synchronizes CUDA and runs with the process's thread
+count here), and reported as ratios to the floor and to the naive loop of the same run.
+The CLI (``python -m fastreg bench``) and the pytest-benchmark suite (``benchmarks/``)
+both use :func:`make_cases` and :func:`check`.
 """
 from __future__ import annotations
 
+import abc
 import dataclasses
 import datetime
 import os
@@ -21,33 +25,243 @@ from torch.utils import benchmark as torch_benchmark
 
 from . import functional
 from .backends import BACKENDS
-from .workloads import gpt2_small_shapes, make_params
+from .optim import Regularized
+from .workloads import Workload
 
-FLOOR = "floor (foreach add, alpha=0)"
-NAIVE = "naive autograd loop"
+Outputs = Tuple[List[Tensor], List[Tensor]]  # (reductions: values and norms, tensors: grads or weights)
+
+
+@dataclasses.dataclass(frozen=True)
+class Setting:
+    """The strengths every case of a run uses: DESIGN §4's coupled ElasticNet."""
+
+    l1: float = 1e-5
+    l2: float = 1e-4
+    lr: float = 1e-3
 
 
 @dataclasses.dataclass
 class Case:
-    """One implementation of the task: ``run`` adds ``dP/dw`` to every grad, returns ``P``."""
-
     name: str
-    run: Callable[[], Tensor]
+    run: Callable[[], object]
     skip_reason: Optional[str] = None
-    computes_task: bool = True  # False for the floor: it only moves the same bytes
+    checked: bool = True  # False for a floor: it moves the same bytes but computes something else
 
 
 @dataclasses.dataclass
 class Result:
     name: str
-    median_ms: Optional[float]
-    iqr_ms: Optional[float]
-    gb_per_s: Optional[float]
-    x_floor: Optional[float]
-    speedup_vs_naive: Optional[float]
-    value_error: Optional[float]
-    grad_error: Optional[float]
+    median_ms: Optional[float] = None
+    iqr_ms: Optional[float] = None
+    gb_per_s: Optional[float] = None
+    x_floor: Optional[float] = None
+    speedup_vs_naive: Optional[float] = None
+    value_error: Optional[float] = None
+    tensor_error: Optional[float] = None
     note: str = ""
+
+
+def _compiled(name: str, fn: Callable, compile: bool) -> Tuple[str, Optional[Callable], Optional[str]]:
+    label = f"torch.compile({name})"
+    if not compile:
+        return label, None, "torch.compile peers switched off (each compile takes about a minute on CPU)"
+    return label, torch.compile(fn, fullgraph=True), None
+
+
+class Task(abc.ABC):
+    """One thing a user does with regularization, and every way to do it."""
+
+    name: str
+    title: str
+    floor: str
+    naive: str
+    passes: int  # tensor-sized reads + writes a single-pass implementation makes
+
+    def traffic(self, workload: Workload) -> int:
+        return self.passes * workload.bytes
+
+    def applies_to(self, workload: Workload) -> Optional[str]:
+        """None when the task can run on ``workload``, else why not."""
+        return None
+
+    @abc.abstractmethod
+    def peers(self, workload: Workload, setting: Setting, compile: bool) -> List[Case]:
+        """The floor and the ways people do it without fastreg."""
+
+    @abc.abstractmethod
+    def fastreg_cases(self, workload: Workload, setting: Setting, backend: str) -> List[Case]:
+        """The ways fastreg does it with ``backend``; the first is the reference with ``torch``."""
+
+    def snapshot(self, workload: Workload):
+        """What :meth:`restore` needs to start a check from the same state."""
+        return None
+
+    def restore(self, workload: Workload, saved) -> None:
+        pass
+
+    @abc.abstractmethod
+    def outputs(self, workload: Workload, returned) -> Outputs:
+        """What a case produced, in a form comparable with the reference's."""
+
+
+def _detached(params: Sequence[Tensor]) -> List[Tensor]:
+    return [p.detach() for p in params]
+
+
+class CoupledGrad(Task):
+    name = "grad"
+    title = "coupled ElasticNet value + grad"
+    floor = "floor: foreach add (alpha=0)"
+    naive = "naive autograd loop"
+    passes = 3  # read w and g, write g
+
+    def peers(self, workload, setting, compile):
+        params, l1, l2 = workload.params, setting.l1, setting.l2
+        label, compiled, reason = _compiled("no-grad loop", no_grad_loop, compile)
+        return [
+            Case(self.floor, lambda: grad_floor(params), checked=False),
+            Case(self.naive, lambda: naive_autograd_loop(params, l1, l2)),
+            Case("no-grad loop", lambda: no_grad_loop(params, l1, l2)),
+            Case("torch._foreach_*", lambda: foreach_grad(params, l1, l2)),
+            Case(label, (lambda: compiled(params, l1, l2)) if compiled else None, reason),
+        ]
+
+    def fastreg_cases(self, workload, setting, backend):
+        return [Case(f"fastreg[{backend}]", lambda: functional.add_penalty_grad_(workload.params, setting.l1, setting.l2, backend=backend))]
+
+    def snapshot(self, workload):
+        return [p.grad.clone() for p in workload.params]
+
+    def restore(self, workload, saved):
+        with torch.no_grad():
+            for p, g in zip(workload.params, saved):
+                p.grad.copy_(g)
+
+    def outputs(self, workload, returned):
+        return [returned.reshape(())], [p.grad for p in workload.params]
+
+
+class Norms(Task):
+    name = "norms"
+    title = "per-tensor L1 and L2 norms"
+    floor = "floor: foreach max-abs"
+    naive = "naive loop"
+    passes = 1  # read w
+
+    def peers(self, workload, setting, compile):
+        params = _detached(workload.params)
+        label, compiled, reason = _compiled("naive loop", naive_norms, compile)
+        return [
+            Case(self.floor, lambda: torch._foreach_norm(params, float("inf")), checked=False),
+            Case(self.naive, lambda: naive_norms(params)),
+            Case("torch._foreach_*", lambda: foreach_norms(params)),
+            Case(label, (lambda: compiled(params)) if compiled else None, reason),
+        ]
+
+    def fastreg_cases(self, workload, setting, backend):
+        def run():
+            n = functional.norms(workload.params, backend=backend)
+            return n.tensor_l1, n.tensor_l2
+
+        return [Case(f"fastreg[{backend}]", run)]
+
+    def outputs(self, workload, returned):
+        return list(returned), []
+
+
+class DecoupledDecay(Task):
+    name = "decay"
+    title = "decoupled decay: l2 scale + L1 prox"
+    floor = "floor: foreach mul_"
+    naive = "naive loop"
+    passes = 2  # read and write w
+
+    def peers(self, workload, setting, compile):
+        params, lr, l1, l2 = _detached(workload.params), setting.lr, setting.l1, setting.l2
+        label, compiled, reason = _compiled("naive loop", naive_decay, compile)
+        return [
+            Case(self.floor, lambda: torch._foreach_mul_(params, 1.0), checked=False),
+            Case(self.naive, lambda: naive_decay(params, lr, l1, l2)),
+            Case("torch._foreach_*", lambda: foreach_decay(params, lr, l1, l2)),
+            Case(label, (lambda: compiled(params, lr, l1, l2)) if compiled else None, reason),
+        ]
+
+    def fastreg_cases(self, workload, setting, backend):
+        return [
+            Case(f"fastreg[{backend}]", lambda: functional.decay_(workload.params, setting.lr, setting.l1, setting.l2, backend=backend))
+        ]
+
+    def snapshot(self, workload):
+        return [p.detach().clone() for p in workload.params]
+
+    def restore(self, workload, saved):
+        with torch.no_grad():
+            for p, w in zip(workload.params, saved):
+                p.copy_(w)
+
+    def outputs(self, workload, returned):
+        return [], _detached(workload.params)
+
+
+class TrainingStep(Task):
+    """A whole SGD step of a real model: forward, loss + penalty, backward, update."""
+
+    name = "step"
+    title = "training step: forward, loss + penalty, backward, SGD update"
+    floor = "unregularized step"
+    naive = "naive autograd loop"
+    passes = 0  # dominated by the model, not by the penalty's memory traffic
+
+    def applies_to(self, workload):
+        return None if workload.model is not None else "needs a workload with a model (e.g. transformer)"
+
+    @staticmethod
+    def _step(workload: Workload, optimizer: torch.optim.Optimizer, penalty: Optional[Callable[[], Tensor]]):
+        def run():
+            optimizer.zero_grad()
+            loss = workload.model(workload.inputs).float().square().mean()
+            if penalty is not None:
+                loss = loss + penalty()
+            loss.backward()
+            optimizer.step()
+            return loss.detach()
+
+        return run
+
+    def peers(self, workload, setting, compile):
+        params, l1, l2 = workload.params, setting.l1, setting.l2
+        sgd = torch.optim.SGD(params, lr=setting.lr)
+
+        def naive():
+            return sum(l1 * p.abs().sum() + l2 / 2 * p.pow(2).sum() for p in params)
+
+        return [
+            Case(self.floor, self._step(workload, sgd, None), checked=False),
+            Case(self.naive, self._step(workload, sgd, naive)),
+        ]
+
+    def fastreg_cases(self, workload, setting, backend):
+        params, l1, l2 = workload.params, setting.l1, setting.l2
+        sgd = torch.optim.SGD(params, lr=setting.lr)
+        regularized = Regularized(torch.optim.SGD(params, lr=setting.lr), l1, l2, backend=backend)
+        return [
+            Case(f"fastreg[{backend}] penalty in the loss", self._step(workload, sgd, lambda: functional.penalty(params, l1, l2, backend=backend))),
+            Case(f"fastreg[{backend}] Regularized(SGD)", self._step(workload, regularized, None)),
+        ]
+
+    def snapshot(self, workload):
+        return [p.detach().clone() for p in workload.params]
+
+    def restore(self, workload, saved):
+        with torch.no_grad():
+            for p, w in zip(workload.params, saved):
+                p.copy_(w)
+
+    def outputs(self, workload, returned):
+        return [], _detached(workload.params)
+
+
+TASKS: Dict[str, Task] = {task.name: task for task in (CoupledGrad(), Norms(), DecoupledDecay(), TrainingStep())}
 
 
 # -- the peers: how people regularize today -------------------------------------------
@@ -68,7 +282,7 @@ def no_grad_loop(params: Sequence[Tensor], l1: float, l2: float) -> Tensor:
     return value
 
 
-def foreach_loop(params: Sequence[Tensor], l1: float, l2: float) -> Tensor:
+def foreach_grad(params: Sequence[Tensor], l1: float, l2: float) -> Tensor:
     """The same with ``torch._foreach_*`` ops: a few multi-tensor kernels, several passes."""
     grads = [p.grad for p in params]
     with torch.no_grad():
@@ -79,48 +293,79 @@ def foreach_loop(params: Sequence[Tensor], l1: float, l2: float) -> Tensor:
     return l1 * abs_sums.sum() + l2 / 2 * sq_sums.sum()
 
 
-def floor(params: Sequence[Tensor]) -> Tensor:
-    """Reads w and g once and writes g once, as coupled value+grad must: the bandwidth floor."""
+def grad_floor(params: Sequence[Tensor]) -> None:
+    """Reads w and g once and writes g once, as coupled value + grad must."""
     with torch.no_grad():
         torch._foreach_add_([p.grad for p in params], list(params), alpha=0)
-    return torch.zeros(())
 
 
-def cases(params: List[Tensor], l1: float, l2: float, *, compile: bool = True, backends: Optional[Sequence[str]] = None) -> List[Case]:
-    """Every implementation of coupled ElasticNet value + grad over ``params``."""
-    device, dtype = params[0].device, params[0].dtype
-    found = [
-        Case(FLOOR, lambda: floor(params), computes_task=False),
-        Case(NAIVE, lambda: naive_autograd_loop(params, l1, l2)),
-        Case("no-grad loop", lambda: no_grad_loop(params, l1, l2)),
-        Case("torch._foreach_*", lambda: foreach_loop(params, l1, l2)),
-    ]
-    if compile:
-        compiled = torch.compile(no_grad_loop, fullgraph=True)
-        found.append(Case("torch.compile(no-grad loop)", lambda: compiled(params, l1, l2)))
-    else:
-        found.append(Case("torch.compile(no-grad loop)", lambda: None, skip_reason="skipped with --no-compile"))
+def naive_norms(params: Sequence[Tensor]) -> Tuple[Tensor, Tensor]:
+    return (
+        torch.stack([p.abs().sum(dtype=torch.float32) for p in params]),
+        torch.stack([torch.norm(p.float(), 2) for p in params]),
+    )
+
+
+def foreach_norms(params: Sequence[Tensor]) -> Tuple[Tensor, Tensor]:
+    return (
+        torch.stack(torch._foreach_norm(params, 1, dtype=torch.float32)),
+        torch.stack(torch._foreach_norm(params, 2, dtype=torch.float32)),
+    )
+
+
+def naive_decay(params: Sequence[Tensor], lr: float, l1: float, l2: float) -> None:
+    for p in params:
+        p.mul_(1 - lr * l2)
+        p.copy_(torch.sign(p) * torch.clamp(p.abs() - lr * l1, min=0))
+
+
+def foreach_decay(params: Sequence[Tensor], lr: float, l1: float, l2: float) -> None:
+    torch._foreach_mul_(params, 1 - lr * l2)
+    shrunk = torch._foreach_abs(params)
+    torch._foreach_sub_(shrunk, lr * l1)
+    torch._foreach_clamp_min_(shrunk, 0.0)
+    torch._foreach_mul_(shrunk, torch._foreach_sign(params))
+    torch._foreach_copy_(params, shrunk)
+
+
+# -- cases, checks, timing ------------------------------------------------------------
+def make_cases(task: Task, workload: Workload, setting: Setting, *, compile: bool = True, backends: Optional[Sequence[str]] = None) -> List[Case]:
+    """The task's floor and peers, then one case per fastreg backend (unusable ones carry
+    the reason)."""
+    device, dtype = workload.params[0].device, workload.params[0].dtype
+    found = task.peers(workload, setting, compile)
     for name in backends if backends is not None else BACKENDS:
-        reason = BACKENDS[name].unavailable_reason(device, dtype)
-        found.append(Case(f"fastreg[{name}]", lambda name=name: functional.add_penalty_grad_(params, l1, l2, backend=name), reason))
+        for case in task.fastreg_cases(workload, setting, name):
+            case.skip_reason = BACKENDS[name].unavailable_reason(device, dtype)
+            found.append(case)
     return found
 
 
-# -- checking and timing --------------------------------------------------------------
+def reference(task: Task, workload: Workload, setting: Setting, start) -> Outputs:
+    """What the ``torch`` backend produces from the ``start`` state."""
+    task.restore(workload, start)
+    returned = task.fastreg_cases(workload, setting, "torch")[0].run()
+    values, tensors = task.outputs(workload, returned)
+    return [v.detach().clone() for v in values], [t.detach().clone() for t in tensors]
+
+
 def _relative_error(got: Tensor, want: Tensor) -> float:
     scale = want.double().abs().max().clamp_min(torch.finfo(torch.float64).tiny)
     return ((got.double() - want.double()).abs().max() / scale).item()
 
 
-def check(case: Case, params: List[Tensor], reference: Tuple[Tensor, List[Tensor]], start: List[Tensor]) -> Tuple[float, float]:
-    """Runs ``case`` once from the starting grads; its relative errors (value, worst grad)
-    against the reference."""
-    with torch.no_grad():
-        for p, g in zip(params, start):
-            p.grad.copy_(g)
-    value = case.run()
-    want_value, want_grads = reference
-    return _relative_error(value.reshape(()), want_value), max(_relative_error(p.grad, g) for p, g in zip(params, want_grads))
+def _max_error(got: List[Tensor], want: List[Tensor]) -> Optional[float]:
+    if not want:
+        return None
+    return max(_relative_error(g.reshape(w.shape), w) for g, w in zip(got, want))
+
+
+def check(task: Task, workload: Workload, case: Case, expected: Outputs, start) -> Tuple[Optional[float], Optional[float]]:
+    """Runs ``case`` once from the ``start`` state (timing other cases changes the state);
+    its relative errors (reductions, tensors) against ``expected``."""
+    task.restore(workload, start)
+    values, tensors = task.outputs(workload, case.run())
+    return _max_error(values, expected[0]), _max_error(tensors, expected[1])
 
 
 def tolerance(dtype: torch.dtype) -> float:
@@ -134,76 +379,66 @@ def time_case(case: Case, min_run_time: float) -> torch_benchmark.Measurement:
 
 
 def run(
-    params: List[Tensor],
-    l1: float = 1e-5,
-    l2: float = 1e-4,
+    task: Task,
+    workload: Workload,
+    setting: Setting = Setting(),
     *,
     compile: bool = True,
     backends: Optional[Sequence[str]] = None,
     min_run_time: float = 1.0,
     progress: Optional[Callable[[str], None]] = None,
 ) -> List[Result]:
-    """Check, then time, every implementation; ratios are taken within this one run."""
-    start = [p.grad.detach().clone() for p in params]
-    reference_grads = [g.clone() for g in start]
-    reference = (_reference(params, reference_grads, l1, l2), reference_grads)
-    moved = 3 * sum(p.numel() * p.element_size() for p in params)
-    limit = tolerance(params[0].dtype)
+    """Check, then time, every case of ``task`` on ``workload``; ratios are within this run.
+
+    A fastreg backend that disagrees with the reference is a bug and raises; a peer that
+    disagrees (``torch._foreach_norm`` accumulates sequentially on CPU) is timed and flagged.
+    """
+    start = task.snapshot(workload)
+    expected = reference(task, workload, setting, start)
+    limit = tolerance(workload.params[0].dtype)
+    traffic = task.traffic(workload)
     results = []
-    for case in cases(params, l1, l2, compile=compile, backends=backends):
+    for case in make_cases(task, workload, setting, compile=compile, backends=backends):
         if progress:
             progress(case.name)
-        result = Result(case.name, None, None, None, None, None, None, None)
+        result = Result(case.name)
         results.append(result)
         if case.skip_reason is not None:
             result.note = f"skipped: {case.skip_reason}"
             continue
-        if case.computes_task:
+        if case.checked:
             try:
-                result.value_error, result.grad_error = check(case, params, reference, start)
+                result.value_error, result.tensor_error = check(task, workload, case, expected, start)
             except Exception as exc:  # a peer that cannot run here, e.g. torch.compile without a compiler
+                if case.name.startswith("fastreg"):
+                    raise
                 result.note = f"skipped: {type(exc).__name__}: {exc}".splitlines()[0]
                 continue
-            if not max(result.value_error, result.grad_error) <= limit:
+            worst = max(e for e in (result.value_error, result.tensor_error) if e is not None)
+            if not worst <= limit:
                 if case.name.startswith("fastreg"):
-                    raise AssertionError(
-                        f"{case.name} disagrees with the torch reference: relative error {result.value_error:.3g} "
-                        f"(value), {result.grad_error:.3g} (grads) > {limit:g}"
-                    )
+                    raise AssertionError(f"{case.name} disagrees with the torch reference on {task.name}: relative error {worst:.3g} > {limit:g}")
                 result.note = "disagrees with the reference (see errors)"
         measurement = time_case(case, min_run_time)
         result.median_ms, result.iqr_ms = measurement.median * 1e3, measurement.iqr * 1e3
-        result.gb_per_s = moved / measurement.median / 1e9
-    by_name = {r.name: r for r in results}
-    floor_ms = by_name[FLOOR].median_ms
-    naive_ms = by_name[NAIVE].median_ms
+        if traffic:
+            result.gb_per_s = traffic / measurement.median / 1e9
+    timed = {r.name: r.median_ms for r in results if r.median_ms is not None}
     for r in results:
         if r.median_ms is not None:
-            r.x_floor = r.median_ms / floor_ms
-            r.speedup_vs_naive = naive_ms / r.median_ms if naive_ms is not None else None
+            r.x_floor = r.median_ms / timed[task.floor] if task.floor in timed else None
+            r.speedup_vs_naive = timed[task.naive] / r.median_ms if task.naive in timed else None
+    task.restore(workload, start)
     return results
 
 
-def _reference(params: List[Tensor], grads: List[Tensor], l1: float, l2: float) -> Tensor:
-    """The ``torch`` backend's value, adding its gradient to ``grads`` (copies, so the
-    benchmarked tensors keep their own)."""
-    views = []
-    for p, g in zip(params, grads):
-        view = p.detach()
-        view.grad = g
-        views.append(view)
-    return functional.add_penalty_grad_(views, l1, l2, backend="torch")
-
-
-# -- reporting ------------------------------------------------------------------------
-def _git_commit() -> Optional[str]:
+# -- where a result was measured ------------------------------------------------------
+def _command_output(args: List[str]) -> Optional[str]:
     try:
-        out = subprocess.run(
-            ["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5, cwd=os.path.dirname(__file__)
-        )
+        out = subprocess.run(args, capture_output=True, text=True, timeout=10, cwd=os.path.dirname(__file__))
     except (OSError, subprocess.SubprocessError):
         return None
-    return out.stdout.strip() or None
+    return out.stdout.strip().splitlines()[0] if out.returncode == 0 and out.stdout.strip() else None
 
 
 def _cpu_model() -> str:
@@ -235,23 +470,9 @@ def environment(device: torch.device) -> Dict[str, object]:
         "cuda": torch.version.cuda,
         "python": platform.python_version(),
         "platform": platform.platform(),
-        "commit": _git_commit(),
+        "commit": _command_output(["git", "rev-parse", "HEAD"]),
         "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
     }
     if device.type == "cuda":
-        info["driver"] = _nvidia_driver()
+        info["driver"] = _command_output(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"])
     return info
-
-
-def _nvidia_driver() -> Optional[str]:
-    try:
-        out = subprocess.run(
-            ["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"], capture_output=True, text=True, timeout=10
-        )
-    except (OSError, subprocess.SubprocessError):
-        return None
-    return out.stdout.strip().splitlines()[0] if out.stdout.strip() else None
-
-
-def gpt2_small(size: float, dtype: torch.dtype, device: torch.device, seed: int = 0) -> List[Tensor]:
-    return make_params(gpt2_small_shapes(size), dtype=dtype, device=device, seed=seed)

@@ -1,4 +1,4 @@
-"""python -m fastreg: info and bench, end to end on tiny sizes."""
+"""python -m fastreg: info, bench and report, end to end on tiny sizes."""
 from __future__ import annotations
 
 import json
@@ -8,6 +8,8 @@ import sys
 import pytest
 
 from fastreg.__main__ import main
+
+TINY = ["--size", "0.0005", "--min-time", "0.005", "--quiet"]
 
 
 def test_info_lists_versions_and_backends(capsys):
@@ -19,35 +21,72 @@ def test_info_lists_versions_and_backends(capsys):
 
 def test_bench_prints_the_comparison_and_writes_json(tmp_path, capsys):
     path = tmp_path / "bench.json"
-    assert main(["bench", "--size", "0.0005", "--no-compile", "--min-time", "0.01", "--json", str(path)]) == 0
+    assert main(["bench", *TINY, "--no-compile", "--json", str(path)]) == 0
     out = capsys.readouterr().out
     for name in ("floor", "naive autograd loop", "no-grad loop", "torch._foreach_*", "fastreg[torch]"):
         assert name in out
-    assert "skipped with --no-compile" in out
+    assert "torch.compile peers switched off" in out
     record = json.loads(path.read_text())
-    assert record["workload"]["tensors"] == 148
+    assert record["schema"] == "fastreg-bench/1"
     assert record["environment"]["torch"] and record["environment"]["threads"] >= 1
-    by_name = {r["name"]: r for r in record["results"]}
+    (run,) = record["runs"]
+    assert run["workload"]["name"] == "gpt2-small" and run["workload"]["tensors"] == 148
+    assert run["task"]["name"] == "grad"
+    by_name = {r["name"]: r for r in run["results"]}
     assert by_name["fastreg[torch]"]["value_error"] == 0.0
     assert by_name["naive autograd loop"]["speedup_vs_naive"] == 1.0
-    assert by_name["floor (foreach add, alpha=0)"]["x_floor"] == 1.0
+    assert by_name["floor: foreach add (alpha=0)"]["x_floor"] == 1.0
 
 
-def test_bench_rejects_unknown_backend():
+def test_bench_all_workloads_and_tasks_then_report(tmp_path, capsys):
+    first, second = tmp_path / "a.json", tmp_path / "b.json"
+    args = ["bench", *TINY, "--no-compile", "--workload", "all", "--task", "all", "--backends", "torch"]
+    assert main([*args, "--json", str(first), "--plot", str(tmp_path / "bars.png")]) == 0
+    record = json.loads(first.read_text())
+    pairs = {(r["workload"]["name"], r["task"]["name"]) for r in record["runs"]}
+    assert ("llama-1b", "decay") in pairs and ("transformer", "step") in pairs
+    assert ("gpt2-small", "step") not in pairs  # the step task needs a model
+    assert {r["workload"]["dtype"] for r in record["runs"] if r["workload"]["name"] == "llama-1b"} == {"bfloat16"}
+    assert (tmp_path / "bars.png").stat().st_size > 10_000
+    assert main(["bench", *TINY, "--no-compile", "--backends", "torch", "--json", str(second)]) == 0
+    markdown = tmp_path / "report.md"
+    assert main(["report", str(first), str(second), "--markdown", str(markdown), "--plot", str(tmp_path / "report.png")]) == 0
+    text = markdown.read_text()
+    assert "[1] ms" in text and "[2] x floor" in text and "| fastreg[torch]" in text
+    assert (tmp_path / "report.png").stat().st_size > 10_000
+
+
+def test_bench_scaling_with_tensor_count(tmp_path):
+    path = tmp_path / "scaling.json"
+    assert main(["bench", "--scaling", "tensors", "--min-time", "0.005", "--quiet", "--no-compile", "--backends", "torch",
+                 "--json", str(path), "--plot", str(tmp_path / "scaling.png")]) == 0
+    record = json.loads(path.read_text())
+    assert record["scaling"] == "tensors"
+    assert [r["workload"]["tensors"] for r in record["runs"]] == [10, 100, 1000, 10_000]
+    assert (tmp_path / "scaling.png").stat().st_size > 10_000
+
+
+def test_bench_and_report_reject_bad_input(tmp_path):
     with pytest.raises(SystemExit, match="--backends: unknown nope"):
-        main(["bench", "--size", "0.0005", "--backends", "nope"])
+        main(["bench", *TINY, "--backends", "nope"])
+    with pytest.raises(SystemExit, match="--workload: unknown gpt5"):
+        main(["bench", *TINY, "--workload", "gpt5"])
+    not_a_record = tmp_path / "x.json"
+    not_a_record.write_text("{}")
+    with pytest.raises(ValueError, match="not a fastreg benchmark record"):
+        main(["report", str(not_a_record)])
 
 
 def test_module_entry_point():
     out = subprocess.run([sys.executable, "-m", "fastreg", "--help"], capture_output=True, text=True, check=True).stdout
-    assert "info" in out and "bench" in out
+    assert "info" in out and "bench" in out and "report" in out
 
 
 @pytest.mark.slow
 def test_bench_with_torch_compile_peer(tmp_path):
     path = tmp_path / "bench.json"
-    assert main(["bench", "--size", "0.0005", "--min-time", "0.01", "--json", str(path)]) == 0
-    by_name = {r["name"]: r for r in json.loads(path.read_text())["results"]}
-    compiled = by_name["torch.compile(no-grad loop)"]
+    assert main(["bench", *TINY, "--backends", "torch", "--json", str(path)]) == 0
+    (run,) = json.loads(path.read_text())["runs"]
+    compiled = {r["name"]: r for r in run["results"]}["torch.compile(no-grad loop)"]
     assert compiled["median_ms"] is not None, compiled["note"]
-    assert compiled["grad_error"] < 1e-5
+    assert compiled["tensor_error"] < 1e-5
