@@ -66,6 +66,11 @@ class Backend(abc.ABC):
     def unavailable_reason(self, device: torch.device, dtype: torch.dtype) -> Optional[str]:
         """None when this backend can run on ``device`` with ``dtype``, else why not."""
 
+    def auto_eligible(self, device: torch.device) -> bool:
+        """Whether ``auto`` may pick this backend on ``device`` when it is usable there (a
+        backend that only emulates a device, like Triton's CPU interpreter, says no)."""
+        return True
+
     @abc.abstractmethod
     def norms(self, params: List[Tensor]) -> Tuple[Tensor, Tensor]:
         """Per-tensor ``sum|w_t|`` and ``sum w_t^2``: two 1-D tensors of length T, accumulate dtype."""
