@@ -1,0 +1,707 @@
+// CPU kernels for the fastreg ops (schemas in ops.cpp).
+//
+// Every op walks one work list of (tensor, chunk) items over all tensors of the call (see
+// fastreg.h), spread over threads with at::parallel_for and vectorized with at::vec. Each item
+// writes its own partial sums; they are combined afterwards, serially and in item order, so a
+// result depends only on the shapes, never on the thread count. Sums accumulate in
+// at::opmath_type (fp32 for fp16/bf16/fp32, fp64 for fp64).
+//
+// The elementwise math follows the torch backend (fastreg/backends/torch_backend.py) operation
+// for operation, including which products are fused (its `add(..., alpha=)` is an FMA), so the
+// two backends agree to the last bit or two.
+#include "fastreg.h"
+
+#include <ATen/Dispatch.h>
+#include <ATen/OpMathType.h>
+#include <ATen/Parallel.h>
+#include <ATen/cpu/vec/functional.h>
+#include <ATen/cpu/vec/vec.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cmath>
+#include <optional>
+#include <vector>
+
+namespace fastreg {
+namespace {
+
+using at::vec::Vectorized;
+
+// kVecs accumulator-dtype vectors: the unit every loop below moves (one fp16/bf16 vector widens
+// to two fp32 ones). Each has its own accumulators, so two add chains are in flight; more
+// would spill registers in the gradient loop without moving memory any faster.
+template <typename scalar_t>
+struct Block {
+  using acc_t = at::opmath_type<scalar_t>;
+  using Vec = Vectorized<acc_t>;
+  static constexpr int kVecs = 2;
+  static constexpr int64_t kLanes = Vec::size();
+  static constexpr int64_t kSize = kVecs * kLanes;
+
+  struct Regs {
+    Vec v[kVecs];
+  };
+
+  static Regs load(const scalar_t* p) {
+    Regs r;
+    if constexpr (std::is_same_v<scalar_t, acc_t>) {
+      for (int j = 0; j < kVecs; ++j) {
+        r.v[j] = Vec::loadu(p + j * kLanes);
+      }
+    } else {
+      using In = Vectorized<scalar_t>;
+      static_assert(In::size() == 2 * Vec::size(), "a reduced-precision vector must widen to two float vectors");
+      for (int j = 0; j < kVecs; j += 2) {
+        auto [lo, hi] = at::vec::convert_to_float<scalar_t>(In::loadu(p + j * kLanes));
+        r.v[j] = lo;
+        r.v[j + 1] = hi;
+      }
+    }
+    return r;
+  }
+
+  static void store(scalar_t* p, const Regs& r) {
+    if constexpr (std::is_same_v<scalar_t, acc_t>) {
+      for (int j = 0; j < kVecs; ++j) {
+        r.v[j].store(p + j * kLanes);
+      }
+    } else {
+      for (int j = 0; j < kVecs; j += 2) {
+        at::vec::convert_from_float<scalar_t>(r.v[j], r.v[j + 1]).store(p + j * kLanes);
+      }
+    }
+  }
+
+  // The last, partial block of a range goes through a zero-padded buffer, so no load or store
+  // touches memory past the range.
+  static Regs load_tail(const scalar_t* p, int64_t n) {
+    scalar_t buf[kSize] = {};
+    std::copy_n(p, n, buf);
+    return load(buf);
+  }
+
+  static void store_tail(scalar_t* p, int64_t n, const Regs& r) {
+    scalar_t buf[kSize];
+    store(buf, r);
+    std::copy_n(buf, n, p);
+  }
+
+  // Zeroes the lanes at and after `n`: a transform may turn padding into NaN (0 * inf when a
+  // learning-rate tensor holds inf), and padding must add nothing to a sum.
+  static void mask_tail(Regs& r, int64_t n) {
+    for (int j = 0; j < kVecs; ++j) {
+      const int64_t live = n - j * kLanes;
+      if (live <= 0) {
+        r.v[j] = Vec(acc_t(0));
+      } else if (live < kLanes) {
+        r.v[j] = Vec::set(Vec(acc_t(0)), r.v[j], live);
+      }
+    }
+  }
+};
+
+template <typename acc_t>
+struct Sums {
+  acc_t abs = 0;
+  acc_t sq = 0;
+};
+
+template <typename scalar_t>
+struct SumAcc {
+  using B = Block<scalar_t>;
+  using acc_t = typename B::acc_t;
+  using Vec = typename B::Vec;
+  typename B::Regs abs, sq;
+
+  SumAcc() {
+    for (int j = 0; j < B::kVecs; ++j) {
+      abs.v[j] = Vec(acc_t(0));
+      sq.v[j] = Vec(acc_t(0));
+    }
+  }
+
+  void add(const typename B::Regs& x) {
+    for (int j = 0; j < B::kVecs; ++j) {
+      abs.v[j] = abs.v[j] + x.v[j].abs();
+      sq.v[j] = at::vec::fmadd(x.v[j], x.v[j], sq.v[j]);
+    }
+  }
+
+  static acc_t horizontal(const typename B::Regs& r) {
+    static_assert(B::kVecs == 2, "the lane order of the final sum is fixed for two vectors");
+    const Vec v = r.v[0] + r.v[1];
+    acc_t lanes[B::kLanes];
+    v.store(lanes);
+    acc_t s = 0;
+    for (int64_t l = 0; l < B::kLanes; ++l) {
+      s += lanes[l];
+    }
+    return s;
+  }
+
+  Sums<acc_t> reduce() const { return {horizontal(abs), horizontal(sq)}; }
+};
+
+// c * torch.sign(x) (sign 1 for x > 0, -1 for x < 0, 0 for zeros and NaN), bit for bit, with
+// masks instead of a multiply.
+template <typename Vec>
+inline Vec scaled_sign(const Vec& x, const Vec& c) {
+  const Vec zero(0);
+  return ((x > zero) & c) - ((x < zero) & c);
+}
+
+struct Identity {
+  template <typename Regs>
+  void operator()(Regs&) const {}
+};
+
+// Steps 1 and 2 of decay_: the l2 pre-scale, then the soft threshold.
+template <typename acc_t>
+struct DecayPrefix {
+  using Vec = Vectorized<acc_t>;
+  bool use_l2;
+  bool use_l1;
+  Vec factor;     // 1 - lr * l2
+  Vec threshold;  // lr * l1
+
+  template <typename Regs>
+  void operator()(Regs& r) const {
+    const Vec zero(acc_t(0));
+    const Vec sign_bit(acc_t(-0.0));
+    for (auto& x : r.v) {
+      if (use_l2) {
+        x = x * factor;
+      }
+      if (use_l1) {
+        // The reference's max(|x| - t, 0) * sign(x), with x's sign bit put on the non-negative
+        // max instead of a multiply: the same value for every x (NaN stays NaN, since clamp_min
+        // keeps a NaN first argument), except that x = -0.0 gives -0.0 where it gives +0.0.
+        x = at::vec::clamp_min(x.abs() - threshold, zero) | (x & sign_bit);
+      }
+    }
+  }
+};
+
+// The range kernels below take their parameters by value: a local copy cannot alias the memory
+// the loop writes, so the flags stay in registers and the compiler unswitches the loop on them.
+template <typename scalar_t, typename Pre>
+Sums<at::opmath_type<scalar_t>> range_sums(const scalar_t* w, int64_t n, const Pre pre) {
+  using B = Block<scalar_t>;
+  SumAcc<scalar_t> acc;
+  int64_t i = 0;
+  for (; i + B::kSize <= n; i += B::kSize) {
+    auto x = B::load(w + i);
+    pre(x);
+    acc.add(x);
+  }
+  if (i < n) {
+    auto x = B::load_tail(w + i, n - i);
+    pre(x);
+    B::mask_tail(x, n - i);
+    acc.add(x);
+  }
+  return acc.reduce();
+}
+
+// Software-prefetch distance in elements (a few KB ahead of the loads).
+constexpr int64_t kPrefetch = 1024;
+
+template <typename acc_t>
+struct GradParams {
+  using Vec = Vectorized<acc_t>;
+  bool use_l1;
+  bool use_w;  // an l2 or group-lasso term: d += w * scale
+  bool fused;  // no group lasso: the torch backend adds l2 * w with add(alpha=), an FMA
+  Vec l1;
+  Vec grad_output;
+};
+
+// dP/dw for one range whose group shares `scale`, added into `out` (coupled mode) or times
+// grad_output into `out` (penalty backward); optionally also the sums of the range.
+template <typename scalar_t, bool kAccumulate, bool kWithSums>
+Sums<at::opmath_type<scalar_t>> grad_range(
+    const scalar_t* w,
+    scalar_t* out,
+    int64_t n,
+    const GradParams<at::opmath_type<scalar_t>> p,
+    at::opmath_type<scalar_t> scale) {
+  using B = Block<scalar_t>;
+  using acc_t = typename B::acc_t;
+  using Vec = typename B::Vec;
+  const Vec scale_v(scale);
+  SumAcc<scalar_t> acc;
+  auto compute = [&](typename B::Regs& x, const typename B::Regs& g) {
+    typename B::Regs d;
+    for (int j = 0; j < B::kVecs; ++j) {
+      // scaled_sign never returns -0.0, so it can stand for the reference's 0 + l1 * sign(x).
+      Vec dj = p.use_l1 ? scaled_sign(x.v[j], p.l1) : Vec(acc_t(0));
+      if (p.use_w) {
+        dj = p.fused ? at::vec::fmadd(x.v[j], scale_v, dj) : dj + x.v[j] * scale_v;
+      }
+      d.v[j] = kAccumulate ? g.v[j] + dj : dj * p.grad_output;
+    }
+    return d;
+  };
+  int64_t i = 0;
+  for (; i + B::kSize <= n; i += B::kSize) {
+    // Hardware prefetch alone leaves one core short of bandwidth on these read streams.
+    __builtin_prefetch(w + i + kPrefetch, 0, 0);
+    if constexpr (kAccumulate) {
+      __builtin_prefetch(out + i + kPrefetch, 0, 0);
+    }
+    auto x = B::load(w + i);
+    typename B::Regs g;
+    if constexpr (kAccumulate) {
+      g = B::load(out + i);
+    }
+    B::store(out + i, compute(x, g));
+    if constexpr (kWithSums) {
+      acc.add(x);
+    }
+  }
+  if (i < n) {
+    auto x = B::load_tail(w + i, n - i);
+    typename B::Regs g;
+    if constexpr (kAccumulate) {
+      g = B::load_tail(out + i, n - i);
+    }
+    B::store_tail(out + i, n - i, compute(x, g));
+    if constexpr (kWithSums) {
+      acc.add(x);
+    }
+  }
+  return kWithSums ? acc.reduce() : Sums<acc_t>{};
+}
+
+template <typename scalar_t>
+void decay_range(
+    scalar_t* w,
+    int64_t n,
+    const DecayPrefix<at::opmath_type<scalar_t>> pre,
+    bool shrink,
+    at::opmath_type<scalar_t> scale) {
+  using B = Block<scalar_t>;
+  const typename B::Vec scale_v(scale);
+  auto apply = [&](typename B::Regs& x) {
+    pre(x);
+    if (shrink) {
+      for (auto& v : x.v) {
+        v = v * scale_v;
+      }
+    }
+  };
+  int64_t i = 0;
+  for (; i + B::kSize <= n; i += B::kSize) {
+    __builtin_prefetch(w + i + kPrefetch, 0, 0);
+    auto x = B::load(w + i);
+    apply(x);
+    B::store(w + i, x);
+  }
+  if (i < n) {
+    auto x = B::load_tail(w + i, n - i);
+    apply(x);
+    B::store_tail(w + i, n - i, x);
+  }
+}
+
+// Runs process(i) for every item, each on exactly one thread. Threads get contiguous runs of
+// items of about equal element count (plus a fixed cost per item, for lists of tiny tensors).
+template <typename F>
+void for_each_item(const WorkList& list, const F& process) {
+  const int64_t n = static_cast<int64_t>(list.items.size());
+  if (n == 0) {
+    return;
+  }
+  if (list.numel <= kChunk) {
+    for (int64_t i = 0; i < n; ++i) {
+      process(i);
+    }
+    return;
+  }
+  constexpr int64_t kItemCost = 1024;
+  std::vector<int64_t> start(n + 1, 0);
+  for (int64_t i = 0; i < n; ++i) {
+    start[i + 1] = start[i] + (list.items[i].end - list.items[i].begin) + kItemCost;
+  }
+  at::parallel_for(0, start[n], kChunk, [&](int64_t begin, int64_t end) {
+    int64_t i = std::lower_bound(start.begin(), start.begin() + n, begin) - start.begin();
+    for (; i < n && start[i] < end; ++i) {
+      process(i);
+    }
+  });
+}
+
+// Work on contiguous memory: contiguous inputs are used as they are, others through a
+// contiguous copy that write_back() copies into the caller's tensor.
+struct Contiguous {
+  std::vector<at::Tensor> tensors;
+  std::vector<size_t> copied;
+
+  explicit Contiguous(at::TensorList list) {
+    tensors.reserve(list.size());
+    for (size_t i = 0; i < list.size(); ++i) {
+      if (list[i].is_contiguous()) {
+        tensors.push_back(list[i]);
+      } else {
+        tensors.push_back(list[i].contiguous());
+        copied.push_back(i);
+      }
+    }
+  }
+
+  void write_back(at::TensorList originals) const {
+    for (size_t i : copied) {
+      originals[i].copy_(tensors[i]);
+    }
+  }
+
+  template <typename scalar_t>
+  std::vector<scalar_t*> ptrs() const {
+    std::vector<scalar_t*> out;
+    out.reserve(tensors.size());
+    for (const auto& t : tensors) {
+      out.push_back(t.numel() == 0 ? nullptr : t.data_ptr<scalar_t>());
+    }
+    return out;
+  }
+};
+
+// Per-item partial sums of one pass, then per-tensor and per-group totals combined in item order.
+template <typename acc_t>
+struct Partials {
+  std::vector<acc_t> item_abs, item_sq, group_sq, tensor_abs, tensor_sq;
+
+  explicit Partials(const WorkList& list)
+      : item_abs(list.items.size()),
+        item_sq(list.items.size()),
+        group_sq(list.num_groups, acc_t(0)),
+        tensor_abs(list.tensors.size()),
+        tensor_sq(list.tensors.size()) {}
+
+  void combine(const WorkList& list) {
+    for (size_t t = 0; t < list.tensors.size(); ++t) {
+      const TensorLayout& layout = list.tensors[t];
+      acc_t a = 0, q = 0;
+      for (int64_t i = layout.item_begin; i < layout.item_end; ++i) {
+        a += item_abs[i];
+        q += item_sq[i];
+        const WorkItem& item = list.items[i];
+        if (item.split) {
+          group_sq[layout.group_offset + item.group_begin] += item_sq[i];
+        }
+      }
+      tensor_abs[t] = a;
+      tensor_sq[t] = q;
+    }
+  }
+
+  acc_t group_norm(int64_t g) const { return std::sqrt(group_sq[g]); }
+
+  // P in the torch backend's order: a zero coefficient leaves its term out entirely.
+  acc_t value(const WorkList& list, const Coefs& c) const {
+    acc_t abs_total = 0, sq_total = 0, norm_total = 0;
+    for (size_t t = 0; t < list.tensors.size(); ++t) {
+      abs_total += tensor_abs[t];
+      sq_total += tensor_sq[t];
+      if (c.group_lasso != 0.0) {
+        const TensorLayout& layout = list.tensors[t];
+        acc_t norms = 0;
+        for (int64_t g = 0; g < layout.num_groups; ++g) {
+          norms += group_norm(layout.group_offset + g);
+        }
+        norm_total += norms;
+      }
+    }
+    acc_t v = 0;
+    if (c.l1 != 0.0) {
+      v = v + static_cast<acc_t>(c.l1) * abs_total;
+    }
+    if (c.l2 != 0.0) {
+      v = v + static_cast<acc_t>(c.l2 / 2) * sq_total;
+    }
+    if (c.group_lasso != 0.0) {
+      v = v + static_cast<acc_t>(c.group_lasso) * norm_total;
+    }
+    return v;
+  }
+};
+
+template <typename scalar_t, typename Pre>
+Partials<at::opmath_type<scalar_t>> sums_pass(const WorkList& list, const std::vector<scalar_t*>& w, const Pre& pre) {
+  using acc_t = at::opmath_type<scalar_t>;
+  Partials<acc_t> parts(list);
+  for_each_item(list, [&](int64_t i) {
+    const WorkItem& item = list.items[i];
+    const TensorLayout& layout = list.tensors[item.tensor];
+    const scalar_t* base = w[item.tensor];
+    if (item.split) {
+      const auto s = range_sums(base + item.begin, item.end - item.begin, pre);
+      parts.item_abs[i] = s.abs;
+      parts.item_sq[i] = s.sq;
+      return;
+    }
+    acc_t a = 0, q = 0;
+    for (int64_t g = item.group_begin; g < item.group_end; ++g) {
+      const auto s = range_sums(base + g * layout.group_len, layout.group_len, pre);
+      parts.group_sq[layout.group_offset + g] = s.sq;
+      a += s.abs;
+      q += s.sq;
+    }
+    parts.item_abs[i] = a;
+    parts.item_sq[i] = q;
+  });
+  parts.combine(list);
+  return parts;
+}
+
+// Calls f(begin, end, group) for the runs of an item that share one group.
+template <typename F>
+void for_each_group_run(const WorkList& list, const WorkItem& item, const F& f) {
+  if (item.split) {
+    f(item.begin, item.end, item.group_begin);
+    return;
+  }
+  const int64_t len = list.tensors[item.tensor].group_len;
+  for (int64_t g = item.group_begin; g < item.group_end; ++g) {
+    f(g * len, (g + 1) * len, g);
+  }
+}
+
+// The coupled gradient over all items. With group lasso, `group_scale` holds every group's
+// l2 + group_lasso / ||w_g||; without it, one scale (l2) covers each whole item and the pass
+// can also produce the sums (`parts`), so value and gradient take one read of w.
+template <typename scalar_t, bool kAccumulate>
+void grad_pass(
+    const WorkList& list,
+    const std::vector<scalar_t*>& w,
+    const std::vector<scalar_t*>& out,
+    const GradParams<at::opmath_type<scalar_t>>& p,
+    const std::vector<at::opmath_type<scalar_t>>* group_scale,
+    at::opmath_type<scalar_t> l2,
+    Partials<at::opmath_type<scalar_t>>* parts) {
+  for_each_item(list, [&](int64_t i) {
+    const WorkItem& item = list.items[i];
+    const scalar_t* wt = w[item.tensor];
+    scalar_t* ot = out[item.tensor];
+    if (group_scale == nullptr) {
+      const int64_t n = item.end - item.begin;
+      if (parts != nullptr) {
+        const auto s = grad_range<scalar_t, kAccumulate, true>(wt + item.begin, ot + item.begin, n, p, l2);
+        parts->item_abs[i] = s.abs;
+        parts->item_sq[i] = s.sq;
+      } else {
+        grad_range<scalar_t, kAccumulate, false>(wt + item.begin, ot + item.begin, n, p, l2);
+      }
+      return;
+    }
+    const int64_t offset = list.tensors[item.tensor].group_offset;
+    for_each_group_run(list, item, [&](int64_t begin, int64_t end, int64_t g) {
+      grad_range<scalar_t, kAccumulate, false>(wt + begin, ot + begin, end - begin, p, (*group_scale)[offset + g]);
+    });
+  });
+  if (parts != nullptr) {
+    parts->combine(list);
+  }
+}
+
+// group_dim only matters to the group-lasso term; without it every tensor is one group, so
+// value and add_grad_ share one layout and return bit-identical values.
+WorkList work_list_for(const Contiguous& c, const Coefs& coefs) {
+  return make_work_list(c.tensors, coefs.row_groups && coefs.group_lasso != 0.0);
+}
+
+at::ScalarType accumulate_type(at::TensorList params) {
+  if (params.empty()) {
+    return at::kFloat;
+  }
+  return params[0].scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+}
+
+at::TensorOptions accumulate_options(at::TensorList params) {
+  return at::TensorOptions().dtype(accumulate_type(params)).device(at::kCPU);
+}
+
+std::tuple<at::Tensor, at::Tensor> norms_cpu(at::TensorList params) {
+  check_params(params, c10::DeviceType::CPU, "norms");
+  const auto options = accumulate_options(params);
+  const auto count = static_cast<int64_t>(params.size());
+  at::Tensor abs_sums = at::empty({count}, options);
+  at::Tensor sq_sums = at::empty({count}, options);
+  if (params.empty()) {
+    return {abs_sums, sq_sums};
+  }
+  const Contiguous c(params);
+  const WorkList list = make_work_list(c.tensors, false);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, params[0].scalar_type(), "fastreg_norms", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    const auto parts = sums_pass(list, c.ptrs<scalar_t>(), Identity{});
+    std::copy(parts.tensor_abs.begin(), parts.tensor_abs.end(), abs_sums.data_ptr<acc_t>());
+    std::copy(parts.tensor_sq.begin(), parts.tensor_sq.end(), sq_sums.data_ptr<acc_t>());
+  });
+  return {abs_sums, sq_sums};
+}
+
+at::Tensor value_cpu(at::TensorList params, double l1, double l2, double group_lasso, std::optional<int64_t> group_dim) {
+  check_params(params, c10::DeviceType::CPU, "value");
+  const Coefs coefs = make_coefs(l1, l2, group_lasso, group_dim);
+  at::Tensor out = at::zeros({}, accumulate_options(params));
+  if (params.empty() || coefs.is_zero()) {
+    return out;
+  }
+  const Contiguous c(params);
+  const WorkList list = work_list_for(c, coefs);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, params[0].scalar_type(), "fastreg_value", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    const auto parts = sums_pass(list, c.ptrs<scalar_t>(), Identity{});
+    out.fill_(parts.value(list, coefs));
+  });
+  return out;
+}
+
+// dP/dw into `out` (kAccumulate: added to it; else scaled by grad_output); returns P when asked.
+template <bool kAccumulate>
+void gradient(const Contiguous& w, const std::vector<at::Tensor>& out, const Coefs& coefs, double grad_output,
+              at::Tensor* value) {
+  const WorkList list = work_list_for(w, coefs);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, w.tensors[0].scalar_type(), "fastreg_gradient", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    using Vec = Vectorized<acc_t>;
+    const auto wp = w.ptrs<scalar_t>();
+    std::vector<scalar_t*> op;
+    op.reserve(out.size());
+    for (const auto& t : out) {
+      op.push_back(t.numel() == 0 ? nullptr : t.data_ptr<scalar_t>());
+    }
+    const GradParams<acc_t> p{
+        coefs.l1 != 0.0,
+        coefs.l2 != 0.0 || coefs.group_lasso != 0.0,
+        coefs.group_lasso == 0.0,
+        Vec(static_cast<acc_t>(coefs.l1)),
+        Vec(static_cast<acc_t>(grad_output)),
+    };
+    const auto l2 = static_cast<acc_t>(coefs.l2);
+    if (coefs.group_lasso == 0.0) {
+      std::optional<Partials<acc_t>> parts;
+      if (value) {
+        parts.emplace(list);
+      }
+      grad_pass<scalar_t, kAccumulate>(list, wp, op, p, nullptr, l2, parts ? &*parts : nullptr);
+      if (value) {
+        value->fill_(parts->value(list, coefs));
+      }
+      return;
+    }
+    const auto parts = sums_pass(list, wp, Identity{});
+    const auto gl = static_cast<acc_t>(coefs.group_lasso);
+    std::vector<acc_t> scale(list.num_groups);
+    for (int64_t g = 0; g < list.num_groups; ++g) {
+      const acc_t norm = parts.group_norm(g);
+      // An all-zero group has gradient 0 (1/||w_g|| taken as 0), as does a NaN norm.
+      scale[g] = l2 + gl * (norm > acc_t(0) ? acc_t(1) / norm : acc_t(0));
+    }
+    grad_pass<scalar_t, kAccumulate>(list, wp, op, p, &scale, l2, nullptr);
+    if (value) {
+      value->fill_(parts.value(list, coefs));
+    }
+  });
+}
+
+at::Tensor add_grad_cpu(at::TensorList params, at::TensorList grads, double l1, double l2, double group_lasso,
+                        std::optional<int64_t> group_dim) {
+  check_params(params, c10::DeviceType::CPU, "add_grad_");
+  check_grads(params, grads, "add_grad_");
+  const Coefs coefs = make_coefs(l1, l2, group_lasso, group_dim);
+  at::Tensor value = at::zeros({}, accumulate_options(params));
+  if (params.empty() || coefs.is_zero()) {
+    return value;
+  }
+  const Contiguous w(params);
+  const Contiguous g(grads);
+  gradient<true>(w, g.tensors, coefs, 0.0, &value);
+  g.write_back(grads);
+  return value;
+}
+
+std::vector<at::Tensor> penalty_backward_cpu(at::TensorList params, const at::Tensor& grad_output, double l1,
+                                             double l2, double group_lasso, std::optional<int64_t> group_dim) {
+  check_params(params, c10::DeviceType::CPU, "penalty_backward");
+  TORCH_CHECK(grad_output.numel() == 1, "fastreg::penalty_backward: grad_output must have one element, got shape ",
+              grad_output.sizes());
+  const Coefs coefs = make_coefs(l1, l2, group_lasso, group_dim);
+  std::vector<at::Tensor> out;
+  out.reserve(params.size());
+  for (const auto& p : params) {
+    out.push_back(at::empty(p.sizes(), p.options().memory_format(at::MemoryFormat::Contiguous)));
+  }
+  if (params.empty()) {
+    return out;
+  }
+  const Contiguous w(params);
+  gradient<false>(w, out, coefs, grad_output.item<double>(), nullptr);
+  return out;
+}
+
+void decay_cpu(at::TensorList params, double lr, const std::optional<at::Tensor>& lr_tensor, double l1, double l2,
+               double group_lasso, std::optional<int64_t> group_dim) {
+  check_params(params, c10::DeviceType::CPU, "decay_");
+  const Coefs coefs = make_coefs(l1, l2, group_lasso, group_dim);
+  if (lr_tensor.has_value()) {
+    TORCH_CHECK(lr_tensor->numel() == 1 && lr_tensor->is_floating_point(),
+                "fastreg::decay_: lr_tensor must be one floating-point element, got ", lr_tensor->scalar_type(),
+                " of shape ", lr_tensor->sizes());
+    lr = lr_tensor->item<double>();
+  }
+  if (params.empty() || coefs.is_zero()) {
+    return;
+  }
+  const Contiguous c(params);
+  const WorkList list = work_list_for(c, coefs);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, params[0].scalar_type(), "fastreg_decay", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    using Vec = Vectorized<acc_t>;
+    const auto w = c.ptrs<scalar_t>();
+    const DecayPrefix<acc_t> pre{
+        coefs.l2 != 0.0,
+        coefs.l1 != 0.0,
+        Vec(static_cast<acc_t>(1 - lr * coefs.l2)),
+        Vec(static_cast<acc_t>(lr * coefs.l1)),
+    };
+    if (coefs.group_lasso == 0.0) {
+      for_each_item(list, [&](int64_t i) {
+        const WorkItem& item = list.items[i];
+        decay_range(w[item.tensor] + item.begin, item.end - item.begin, pre, false, acc_t(1));
+      });
+      return;
+    }
+    // Block shrink uses the norm of the already thresholded group, so the norms pass applies
+    // steps 1-2 in registers and the update pass applies them again before scaling.
+    const auto parts = sums_pass(list, w, pre);
+    const auto threshold = static_cast<acc_t>(lr * coefs.group_lasso);
+    std::vector<acc_t> scale(list.num_groups);
+    for (int64_t g = 0; g < list.num_groups; ++g) {
+      const acc_t norm = parts.group_norm(g);
+      scale[g] = norm > threshold ? acc_t(1) - (acc_t(1) / norm) * threshold : acc_t(0);
+    }
+    for_each_item(list, [&](int64_t i) {
+      const WorkItem& item = list.items[i];
+      const int64_t offset = list.tensors[item.tensor].group_offset;
+      for_each_group_run(list, item, [&](int64_t begin, int64_t end, int64_t g) {
+        decay_range(w[item.tensor] + begin, end - begin, pre, true, scale[offset + g]);
+      });
+    });
+  });
+  c.write_back(params);
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(fastreg, CPU, m) {
+  m.impl("norms", &norms_cpu);
+  m.impl("value", &value_cpu);
+  m.impl("add_grad_", &add_grad_cpu);
+  m.impl("decay_", &decay_cpu);
+  m.impl("penalty_backward", &penalty_backward_cpu);
+}
+
+}  // namespace fastreg
