@@ -1,7 +1,14 @@
 from __future__ import annotations
 
-import pytest
+import os
+
 import torch
+
+# Triton reads TRITON_INTERPRET when its kernels are defined: set it before anything imports them.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest
 
 from fastreg.backends import BACKENDS
 
