@@ -1,4 +1,4 @@
-"""fastreg's command line: ``python -m fastreg {info,bench,report}``."""
+"""fastreg's command line: ``python -m fastreg {info,build,bench,report,compare,sweep}``."""
 from __future__ import annotations
 
 import argparse
@@ -48,6 +48,14 @@ def cmd_info(args: argparse.Namespace) -> int:
     print()
     print(tabulate(rows, headers=["backend", "device", "status", "why not"]))
     return 0
+
+
+def cmd_build(args: argparse.Namespace) -> int:
+    from . import _build
+
+    results = _build.build_all(verbose=args.verbose)
+    print(tabulate([[name, status] for name, status in results.items()], headers=["extension", "status"]))
+    return 0 if all(status == "built" for status in results.values()) else 1
 
 
 def _names(values: Sequence[str], choices: Sequence[str], option: str) -> List[str]:
@@ -127,6 +135,215 @@ def cmd_report(args: argparse.Namespace) -> int:
     return 0
 
 
+# -- regularization studies: thin wrappers over fastreg.studies (the "study" extra) --------
+
+STUDY_DATA_HELP = """\
+--data: a data set that ships with scikit-learn (digits, iris, wine, breast_cancer) or
+MODULE:FUNCTION, a function with no arguments that returns (X, y): X of shape
+(n_samples, n_features), finite numbers; y of n_samples class labels. It is split into
+stratified train/validation/test sets with --seed and standardized with the training
+statistics.
+
+--model: MODULE:FUNCTION, a function called as FUNCTION(in_features, n_classes) that
+returns a torch.nn.Module mapping a float batch (N, in_features) to logits
+(N, n_classes); settings with dropout call FUNCTION(in_features, n_classes, dropout=p).
+The default is an MLP fc1 -> bn1 -> relu -> dropout -> fc2 (--hidden units).
+
+--only PATTERN regularizes only the parameters it matches: a parameter name
+(fc1.weight), a module prefix (fc1: fc1.weight and fc1.bias) or a glob (*.weight);
+repeat it or give a comma list. Biases and norm layers stay unregularized unless
+--no-decay says otherwise. MODULE must be importable (the current directory counts).
+"""
+
+
+def _comma_list(values: Optional[Sequence[str]]) -> List[str]:
+    return [item.strip() for value in values or () for item in value.split(",") if item.strip()]
+
+
+def _load_studies(args: argparse.Namespace):
+    """fastreg.studies, once the optional packages this command will use are known to import."""
+    from . import studies
+
+    try:
+        studies.require(plots=not args.no_plots, progress=not args.no_progress)
+    except studies.MissingDependency as error:
+        raise SystemExit(f"python -m fastreg {args.command}: {error}") from None
+    return studies
+
+
+def _study_inputs(studies, args: argparse.Namespace):
+    """The training config, data and model function from the options both studies share."""
+    import functools
+
+    config = studies.TrainConfig(
+        epochs=args.epochs,
+        batch_size=args.batch_size,
+        lr=args.lr,
+        optimizer=args.optimizer,
+        seed=args.seed,
+        device=args.device,
+        only=tuple(_comma_list(args.only)),
+        no_decay=tuple(_comma_list([args.no_decay])),
+        backend=args.backend,
+        threads=args.threads,
+    )
+    data = studies.load_data(
+        args.data, seed=args.seed, val_fraction=args.val_fraction, test_fraction=args.test_fraction, max_train=args.max_train
+    )
+    if args.model:
+        if args.hidden is not None:
+            raise ValueError("--hidden sets the built-in MLP's width; it does not apply to --model")
+        model_fn = studies.load_entry_point(args.model, "--model")
+    else:
+        model_fn = functools.partial(studies.mlp, hidden=128 if args.hidden is None else args.hidden)
+    return config, data, model_fn
+
+
+def _run_folder(args: argparse.Namespace) -> str:
+    import os
+    import time
+
+    return args.out or os.path.join("runs", f"{args.command}-{time.strftime('%Y%m%d-%H%M%S')}")
+
+
+def _finish(studies, args: argparse.Namespace, result) -> None:
+    folder = _run_folder(args)
+    files = studies.write_run(result, folder, plots=not args.no_plots)
+    print(f"wrote {folder}: {', '.join(path.name for path in files)}")
+
+
+def cmd_compare(args: argparse.Namespace) -> int:
+    studies = _load_studies(args)
+    try:
+        config, data, model_fn = _study_inputs(studies, args)
+        defaults = studies.default_settings(
+            l1=args.l1,
+            l2=args.l2,
+            l1_decoupled=args.l1_decoupled,
+            l2_decoupled=args.l2_decoupled,
+            group_lasso=args.group_lasso,
+            dropout=args.dropout,
+        )
+        by_name = {setting.name: setting for setting in defaults}
+        names = _comma_list([args.settings]) if args.settings is not None else list(by_name)
+        unknown = [name for name in names if name not in by_name]
+        if unknown:
+            raise ValueError(f"--settings: unknown {', '.join(unknown)}; choose from {', '.join(by_name)}")
+        settings = [by_name[name] for name in names] + [studies.Setting.parse(spec) for spec in args.setting or ()]
+        if not settings:
+            raise ValueError("--settings is empty and no --setting is given: nothing to compare")
+        studies.check_study(settings, data, config, model_fn)
+    except (TypeError, ValueError) as error:
+        raise SystemExit(f"python -m fastreg compare: {error}") from None
+    result = studies.compare(settings, data, config, model_fn, progress=not args.no_progress)
+    print(studies.summary_table(result))
+    _finish(studies, args, result)
+    return 0
+
+
+def cmd_sweep(args: argparse.Namespace) -> int:
+    studies = _load_studies(args)
+    try:
+        config, data, model_fn = _study_inputs(studies, args)
+        if args.strengths:
+            try:
+                strengths = [float(s) for s in _comma_list([args.strengths])]
+            except ValueError:
+                raise ValueError(f"--strengths must be a comma list of numbers, got {args.strengths!r}") from None
+        else:
+            low, high = studies.DEFAULT_GRIDS[args.kind, args.mode]
+            strengths = studies.log_grid(low if args.min is None else args.min, high if args.max is None else args.max, args.num)
+        group_dim = 0 if args.group_dim == "rows" else None
+        planned = [studies.sweep_setting(args.kind, s, args.mode, l1_ratio=args.l1_ratio, group_dim=group_dim) for s in strengths]
+        studies.check_study(planned, data, config, model_fn)
+    except (TypeError, ValueError) as error:
+        raise SystemExit(f"python -m fastreg sweep: {error}") from None
+    result = studies.sweep(
+        args.kind,
+        strengths,
+        mode=args.mode,
+        l1_ratio=args.l1_ratio,
+        group_dim=group_dim,
+        select=args.select,
+        baseline=not args.no_baseline,
+        data=data,
+        config=config,
+        model_fn=model_fn,
+        progress=not args.no_progress,
+    )
+    print(studies.summary_table(result))
+    print(studies.best_summary(result))
+    _finish(studies, args, result)
+    return 0
+
+
+def _study_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--data", default="digits", help="digits (default), iris, wine, breast_cancer, or MODULE:FUNCTION (below)")
+    p.add_argument("--model", metavar="MODULE:FUNCTION", help="your model (below); default: the built-in MLP")
+    p.add_argument("--hidden", type=int, help="hidden units of the built-in MLP (default 128)")
+    p.add_argument("--only", action="append", metavar="PATTERN", help="regularize only matching parameters (below); repeatable")
+    p.add_argument(
+        "--no-decay",
+        default="bias,norm",
+        metavar="PATTERNS",
+        help="comma list: parameters whose name or module class contains one are never regularized "
+        "(fastreg.param_groups; default bias,norm; '' regularizes them too)",
+    )
+    p.add_argument("--epochs", type=int, default=30, help="epochs per run (default 30)")
+    p.add_argument("--batch-size", type=int, default=32, help="default 32")
+    p.add_argument("--optimizer", choices=["adam", "sgd"], default="adam", help="adam (default) or sgd with momentum 0.9")
+    p.add_argument("--lr", type=float, default=1e-3, help="learning rate (default 1e-3)")
+    p.add_argument("--seed", type=int, default=0, help="seeds the split, the initial weights, batch order and dropout (default 0)")
+    p.add_argument("--device", default="cpu", help="cpu (default: these models are too small to gain from a GPU), cuda, cuda:1, ...")
+    p.add_argument("--threads", type=int, default=1, help="torch CPU threads while training (default 1)")
+    p.add_argument("--backend", choices=("auto", *BACKENDS), help="fastreg backend (default: FASTREG_BACKEND or auto)")
+    p.add_argument("--max-train", type=int, metavar="N", help="keep at most N training samples (small sets overfit)")
+    p.add_argument("--val-fraction", type=float, default=0.2, help="default 0.2")
+    p.add_argument("--test-fraction", type=float, default=0.2, help="default 0.2")
+    p.add_argument("--out", metavar="FOLDER", help="run folder (default runs/COMMAND-DATE-TIME)")
+    p.add_argument("--no-plots", action="store_true", help="write JSON and CSV only (no matplotlib needed)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars (no tqdm needed)")
+
+
+def _compare_arguments(p: argparse.ArgumentParser) -> None:
+    _study_arguments(p)
+    p.add_argument(
+        "--settings",
+        metavar="NAMES",
+        help="comma list of the built-in settings to run (default all: none, l1, l1-decoupled, l2, l2-decoupled, "
+        "elasticnet, group-lasso, dropout)",
+    )
+    p.add_argument(
+        "--setting",
+        action="append",
+        metavar="SPEC",
+        help="add a setting NAME:KEY=VALUE,... with keys l1, l2, group_lasso, mode (coupled/decoupled), group_dim "
+        "(0 = rows, none), dropout; e.g. strong:l1=3e-3,mode=decoupled; repeatable",
+    )
+    p.add_argument("--l1", type=float, default=1e-3, help="l1 of the coupled l1 setting (default 1e-3; elasticnet: half)")
+    p.add_argument("--l2", type=float, default=1e-2, help="l2 of the coupled l2 setting (default 1e-2; elasticnet: half)")
+    p.add_argument("--l1-decoupled", type=float, default=0.3, help="l1 of l1-decoupled (default 0.3)")
+    p.add_argument("--l2-decoupled", type=float, default=3.0, help="l2 of l2-decoupled (default 3; AdamW's weight_decay)")
+    p.add_argument("--group-lasso", type=float, default=1.0, help="strength of group-lasso, decoupled on rows (default 1)")
+    p.add_argument("--dropout", type=float, default=0.5, help="rate of the dropout setting (default 0.5)")
+
+
+def _sweep_arguments(p: argparse.ArgumentParser) -> None:
+    _study_arguments(p)
+    p.add_argument("--kind", choices=["l1", "l2", "elasticnet", "group_lasso"], default="l2", help="default l2")
+    p.add_argument("--mode", choices=["coupled", "decoupled"], default="coupled", help="default coupled")
+    p.add_argument("--min", type=float, help="smallest strength (default: per kind and mode, see fastreg.studies.DEFAULT_GRIDS)")
+    p.add_argument("--max", type=float, help="largest strength (default: per kind and mode)")
+    p.add_argument("--num", type=int, default=9, help="strengths, log-spaced from --min to --max (default 9)")
+    p.add_argument("--strengths", metavar="LIST", help="comma list of strengths, instead of --min/--max/--num")
+    p.add_argument("--l1-ratio", type=float, default=0.5, help="elasticnet: l1 = s * ratio, l2 = s * (1 - ratio) (default 0.5)")
+    p.add_argument("--group-dim", choices=["rows", "tensor"], default="rows", help="group_lasso groups (default rows)")
+    p.add_argument(
+        "--select", choices=["val_loss", "val_accuracy"], default="val_loss", help="what 'best on validation data' means (default val_loss)"
+    )
+    p.add_argument("--no-baseline", action="store_true", help="skip the unregularized reference run")
+
+
 def parser() -> argparse.ArgumentParser:
     top = argparse.ArgumentParser(prog="python -m fastreg", description="Fused weight regularization for PyTorch.")
     top.add_argument("--version", action="version", version=f"fastreg {__version__}")
@@ -134,6 +351,10 @@ def parser() -> argparse.ArgumentParser:
 
     info = sub.add_parser("info", help="versions, devices, and which backends are usable here (and why not)")
     info.set_defaults(func=cmd_info)
+
+    build = sub.add_parser("build", help="build the C++ extensions now instead of on first use")
+    build.add_argument("--verbose", action="store_true", help="show the compiler's output")
+    build.set_defaults(func=cmd_build)
 
     b = sub.add_parser(
         "bench",
@@ -171,6 +392,29 @@ def parser() -> argparse.ArgumentParser:
     r.add_argument("--markdown", metavar="PATH", help="write the markdown there instead of printing it")
     r.add_argument("--plot", metavar="PATH", help="also draw the results to a PNG")
     r.set_defaults(func=cmd_report)
+    c = sub.add_parser(
+        "compare",
+        help="train one model under several regularizations (none, L1, L2, ElasticNet, group lasso, dropout) and compare",
+        description="Trains the same model with the same seed, split and batch order under each setting; records "
+        "learning curves, test precision/recall/F1/ROC-AUC/confusion matrix, the penalty and the exactly-zero weights "
+        "per layer; writes JSON, CSV and PNG plots to a run folder and prints a summary table.",
+        epilog=STUDY_DATA_HELP,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    _compare_arguments(c)
+    c.set_defaults(func=cmd_compare)
+
+    s = sub.add_parser(
+        "sweep",
+        help="train over a log-spaced grid of one regularization's strength and pick the best on validation data",
+        description="Trains at each strength of one kind, plots train and validation loss and accuracy against the "
+        "strength (the under-/over-fitting curve), marks the best strength on validation data and reports its test "
+        "metrics; writes JSON, CSV and PNG plots to a run folder.",
+        epilog=STUDY_DATA_HELP,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    _sweep_arguments(s)
+    s.set_defaults(func=cmd_sweep)
     return top
 
 

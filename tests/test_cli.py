@@ -19,6 +19,11 @@ def test_info_lists_versions_and_backends(capsys):
     assert "torch      cpu       usable" in out
 
 
+def test_build_builds_the_cpu_extension(capsys):
+    assert main(["build"]) == 0
+    assert "fastreg_cpu  built" in capsys.readouterr().out
+
+
 def test_bench_prints_the_comparison_and_writes_json(tmp_path, capsys):
     path = tmp_path / "bench.json"
     assert main(["bench", *TINY, "--no-compile", "--json", str(path)]) == 0

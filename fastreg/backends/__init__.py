@@ -10,11 +10,13 @@ from typing import Dict, Optional, Tuple
 import torch
 
 from .base import Backend, Coefficients, accumulate_dtype
+from .cpp import CppBackend
 from .torch_backend import TorchBackend
+from .triton_backend import TritonBackend
 
 # `auto` takes the first usable backend of this list for a (device, dtype) group; the
 # pure-PyTorch reference is last and always usable.
-_REGISTERED: Tuple[Backend, ...] = (TorchBackend(),)
+_REGISTERED: Tuple[Backend, ...] = (TritonBackend(), CppBackend(), TorchBackend())
 
 BACKENDS: Dict[str, Backend] = {backend.name: backend for backend in _REGISTERED}
 BACKEND_CHOICES: Tuple[str, ...] = ("auto",) + tuple(BACKENDS)
@@ -29,7 +31,7 @@ def get_backend(name: str) -> Backend:
 
 def auto_backend(device: torch.device, dtype: torch.dtype) -> Backend:
     for backend in _REGISTERED:
-        if backend.unavailable_reason(device, dtype) is None:
+        if backend.auto_eligible(device) and backend.unavailable_reason(device, dtype) is None:
             return backend
     raise RuntimeError(f"no fastreg backend can run on {device} with {dtype}")  # unreachable: torch runs anywhere
 
