@@ -107,17 +107,26 @@ struct Sums {
   acc_t sq = 0;
 };
 
+// Running sums of |x| and x^2 in two levels: a lane's running sum over a whole 64K chunk (4K
+// terms per lane) would round every add at the magnitude of the total, and equal terms round the
+// same way each time, so the error grows linearly. Each inner sum covers kFlush blocks and is then
+// added to the outer one, which keeps the rounding at the level of a short sum; the flush points
+// depend only on the position in the range, so the result is still thread-count independent.
 template <typename scalar_t>
 struct SumAcc {
   using B = Block<scalar_t>;
   using acc_t = typename B::acc_t;
   using Vec = typename B::Vec;
-  typename B::Regs abs, sq;
+  static constexpr int kFlush = 64;
+  typename B::Regs abs, sq, abs_total, sq_total;
+  int pending = 0;
 
   SumAcc() {
     for (int j = 0; j < B::kVecs; ++j) {
       abs.v[j] = Vec(acc_t(0));
       sq.v[j] = Vec(acc_t(0));
+      abs_total.v[j] = Vec(acc_t(0));
+      sq_total.v[j] = Vec(acc_t(0));
     }
   }
 
@@ -126,6 +135,19 @@ struct SumAcc {
       abs.v[j] = abs.v[j] + x.v[j].abs();
       sq.v[j] = at::vec::fmadd(x.v[j], x.v[j], sq.v[j]);
     }
+    if (++pending == kFlush) {
+      flush();
+    }
+  }
+
+  void flush() {
+    for (int j = 0; j < B::kVecs; ++j) {
+      abs_total.v[j] = abs_total.v[j] + abs.v[j];
+      sq_total.v[j] = sq_total.v[j] + sq.v[j];
+      abs.v[j] = Vec(acc_t(0));
+      sq.v[j] = Vec(acc_t(0));
+    }
+    pending = 0;
   }
 
   static acc_t horizontal(const typename B::Regs& r) {
@@ -140,7 +162,10 @@ struct SumAcc {
     return s;
   }
 
-  Sums<acc_t> reduce() const { return {horizontal(abs), horizontal(sq)}; }
+  Sums<acc_t> reduce() {
+    flush();
+    return {horizontal(abs_total), horizontal(sq_total)};
+  }
 };
 
 // c * torch.sign(x) (sign 1 for x > 0, -1 for x < 0, 0 for zeros and NaN), bit for bit, with
