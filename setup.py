@@ -41,7 +41,7 @@ def _build_extensions():
         raise SystemExit(f"{BUILD_EXT_ENV}: fastreg's build needs torch importable here ({error}); "
                          "install torch first and pass --no-build-isolation") from None
     results = _build.build_all(verbose=True)
-    failed = {name: status for name, status in results.items() if status != "built"}
+    failed = _build.failures(results)
     if failed:
         raise SystemExit(f"{BUILD_EXT_ENV}: building the C++ extensions failed: {failed}")
 

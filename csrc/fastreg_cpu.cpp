@@ -357,41 +357,6 @@ void for_each_item(const WorkList& list, const F& process) {
   });
 }
 
-// Work on contiguous memory: contiguous inputs are used as they are, others through a
-// contiguous copy that write_back() copies into the caller's tensor.
-struct Contiguous {
-  std::vector<at::Tensor> tensors;
-  std::vector<size_t> copied;
-
-  explicit Contiguous(at::TensorList list) {
-    tensors.reserve(list.size());
-    for (size_t i = 0; i < list.size(); ++i) {
-      if (list[i].is_contiguous()) {
-        tensors.push_back(list[i]);
-      } else {
-        tensors.push_back(list[i].contiguous());
-        copied.push_back(i);
-      }
-    }
-  }
-
-  void write_back(at::TensorList originals) const {
-    for (size_t i : copied) {
-      originals[i].copy_(tensors[i]);
-    }
-  }
-
-  template <typename scalar_t>
-  std::vector<scalar_t*> ptrs() const {
-    std::vector<scalar_t*> out;
-    out.reserve(tensors.size());
-    for (const auto& t : tensors) {
-      out.push_back(t.numel() == 0 ? nullptr : t.data_ptr<scalar_t>());
-    }
-    return out;
-  }
-};
-
 // Per-item partial sums of one pass, then per-tensor and per-group totals combined in item order.
 template <typename acc_t>
 struct Partials {

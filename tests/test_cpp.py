@@ -11,6 +11,7 @@ import os
 import shutil
 import subprocess
 import sys
+import time
 import warnings
 
 import pytest
@@ -20,24 +21,22 @@ import fastreg
 from fastreg import _build
 from fastreg.backends import BACKENDS, Coefficients, auto_backend, get_backend
 from fastreg.backends.base import accumulate_dtype
+from reference import (
+    COEFS,
+    assert_bitwise_equal,
+    assert_lists_close,
+    check_int64_indexing,
+    check_nan_inf_propagation,
+    elementwise_tol,
+    make_grads,
+    make_params,
+    noncontiguous_params,
+    opcheck_cases,
+    reduction_tol,
+    run_all_ops,
+)
 
 DTYPES = [torch.float32, torch.float64, torch.float16, torch.bfloat16]
-
-COEFS = {
-    "l1": Coefficients(l1=0.3),
-    "l2": Coefficients(l2=0.7),
-    "group_lasso": Coefficients(group_lasso=0.5),
-    "elastic_net": Coefficients(l1=0.3, l2=0.7),
-    "all": Coefficients(l1=0.3, l2=0.7, group_lasso=0.5),
-    "group_lasso_rows": Coefficients(group_lasso=0.5, group_dim=0),
-    "all_rows": Coefficients(l1=0.3, l2=0.7, group_lasso=0.5, group_dim=0),
-    "zero": Coefficients(),
-}
-
-# Odd sizes, 0-d and empty tensors, tensors smaller and larger than one 64K-element chunk,
-# rows longer than a chunk (split groups) and many short rows (several groups per chunk).
-SHAPES = [(3, 5), (70001,), (257, 300), (), (0,), (2, 0, 3), (0, 4), (5, 3, 4), (3, 70000), (40000, 3), (1,)]
-
 
 def _has_compiler() -> bool:
     return shutil.which(os.environ.get("CXX", "c++")) is not None
@@ -55,52 +54,6 @@ def cpp_backend():
 
 CPP = BACKENDS["cpp"]
 REF = BACKENDS["torch"]
-
-
-def elementwise_tol(dtype):
-    eps = torch.finfo(dtype).eps
-    if dtype in (torch.float16, torch.bfloat16):
-        return dict(rtol=eps, atol=eps)
-    return dict(rtol=4 * eps, atol=4 * eps)
-
-
-def reduction_tol(dtype):
-    return dict(rtol=1e-12, atol=1e-300) if dtype == torch.float64 else dict(rtol=1e-5, atol=1e-30)
-
-
-def make_params(dtype, seed=0, shapes=SHAPES):
-    """Random weights with exact zeros, an all-zero tensor, near-zero rows (so prox steps zero some
-    groups) and elements under the soft threshold."""
-    gen = torch.Generator().manual_seed(seed)
-    params = []
-    for i, shape in enumerate(shapes):
-        w = torch.randn(shape, generator=gen, dtype=torch.float64)
-        if w.numel():
-            w.view(-1)[:: 7] = 0.0
-        if w.dim() >= 2 and w.shape[0] > 2:
-            w[1] *= 1e-3
-            w[2] = 0.0
-        if i == len(shapes) - 1:
-            w.zero_()
-        params.append(w.to(dtype))
-    return params
-
-
-def make_grads(params, seed=1):
-    gen = torch.Generator().manual_seed(seed)
-    return [torch.randn(p.shape, generator=gen, dtype=torch.float64).to(p.dtype) for p in params]
-
-
-def assert_lists_close(actual, expected, **tol):
-    assert len(actual) == len(expected)
-    for i, (a, e) in enumerate(zip(actual, expected)):
-        torch.testing.assert_close(a, e, equal_nan=True, msg=lambda m: f"tensor {i}: {m}", **tol)
-
-
-def assert_bitwise_equal(actual, expected):
-    for a, e in zip(actual, expected):
-        assert a.dtype == e.dtype and a.shape == e.shape
-        assert torch.equal(a.view(-1).view(torch.uint8) if a.numel() else a, e.view(-1).view(torch.uint8) if e.numel() else e)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -176,15 +129,10 @@ def test_decay_zeroes_whole_groups():
 # layouts, special values, determinism
 
 
-def _noncontiguous(dtype):
-    base = make_params(dtype, shapes=[(64, 40), (9, 70000), (30, 20, 4), (1000,)])
-    return [base[0].t(), base[1][:, ::2], base[2].permute(2, 0, 1), base[3][::3]]
-
-
 @pytest.mark.parametrize("coefs", [COEFS["all"], COEFS["all_rows"], COEFS["elastic_net"]], ids=["all", "all_rows", "elastic_net"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 def test_non_contiguous(dtype, coefs):
-    params = _noncontiguous(dtype)
+    params = noncontiguous_params(dtype)
     assert not any(p.is_contiguous() for p in params)
     contiguous = [p.contiguous() for p in params]
     tol = elementwise_tol(dtype)
@@ -212,40 +160,7 @@ def test_non_contiguous(dtype, coefs):
 @pytest.mark.parametrize("coefs", COEFS.values(), ids=COEFS.keys())
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=str)
 def test_nan_inf_propagate_like_reference(dtype, coefs):
-    """NaN and Inf follow the reference exactly: sign(NaN) = 0, a zero coefficient adds
-    nothing (no 0 * inf), a NaN group norm gives the group a zero group-lasso scale."""
-    shapes = [(4, 6), (5,), (3, 70000), (8, 8)]
-    params = make_params(dtype, shapes=shapes)
-    params[0][0, 1] = float("nan")
-    params[0][2, 3] = float("inf")
-    params[1][2] = float("-inf")
-    params[2][1, 65537] = float("nan")
-    grads, ref_grads = make_grads(params), make_grads(params)
-
-    value, ref_value = CPP.add_grad_(params, grads, coefs), REF.add_grad_(params, ref_grads, coefs)
-    torch.testing.assert_close(value, ref_value, equal_nan=True, **reduction_tol(dtype))
-    if not coefs.is_zero():
-        assert torch.isnan(value)
-    assert_lists_close(grads, ref_grads, **elementwise_tol(dtype))
-    torch.testing.assert_close(CPP.value(params, coefs), ref_value, equal_nan=True, **reduction_tol(dtype))
-    assert_lists_close(CPP.norms(params), REF.norms(params), **reduction_tol(dtype))
-
-    go = torch.tensor(2.0)
-    assert_lists_close(CPP.penalty_backward(params, go, coefs), REF.penalty_backward(params, go, coefs), **elementwise_tol(dtype))
-
-    ref_params = [p.clone() for p in params]
-    CPP.decay_(params, 0.25, coefs)
-    REF.decay_(ref_params, 0.25, coefs)
-    assert_lists_close(params, ref_params, **elementwise_tol(dtype))
-
-
-def _run_all_ops(params, coefs):
-    grads = make_grads(params)
-    out = [CPP.value(params, coefs), *CPP.norms(params), CPP.add_grad_(params, grads, coefs), *grads]
-    out += CPP.penalty_backward(params, torch.tensor(0.75), coefs)
-    decayed = [p.clone() for p in params]
-    CPP.decay_(decayed, 0.1, coefs)
-    return out + decayed
+    check_nan_inf_propagation(CPP, dtype, coefs, device="cpu")
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
@@ -255,63 +170,28 @@ def test_deterministic_across_runs_and_thread_counts(dtype):
     threads = torch.get_num_threads()
     try:
         torch.set_num_threads(1)
-        results_one = {k: _run_all_ops(params, c) for k, c in COEFS.items()}
+        results_one = {k: run_all_ops(CPP, params, c) for k, c in COEFS.items()}
         torch.set_num_threads(2)
         for key, coefs in COEFS.items():
-            first = _run_all_ops(params, coefs)
+            first = run_all_ops(CPP, params, coefs)
             assert_bitwise_equal(first, results_one[key])
-            assert_bitwise_equal(_run_all_ops(params, coefs), first)
+            assert_bitwise_equal(run_all_ops(CPP, params, coefs), first)
     finally:
         torch.set_num_threads(threads)
 
 
+@pytest.mark.slow
 def test_int64_indexing_beyond_2_pow_31():
-    """Elements past index 2**31 are read and written where they are (int32 offsets would wrap)."""
-    n = 2**31 + 70_000
-    try:
-        w = torch.zeros(n, dtype=torch.bfloat16)
-    except RuntimeError as error:  # allocation failure
-        pytest.skip(f"not enough memory for a {n}-element tensor: {error}")
-    try:
-        w[5] = 1.0
-        w[2**31 + 3] = 3.0
-        w[n - 1] = -4.0
-        abs_sums, sq_sums = CPP.norms([w])
-        assert abs_sums.item() == 8.0 and sq_sums.item() == 26.0
-        CPP.decay_([w], 1.0, Coefficients(l1=0.5))
-        assert w[5].item() == 0.5 and w[2**31 + 3].item() == 2.5 and w[n - 1].item() == -3.5
-        assert w[2**31 + 2].item() == 0.0 and w[n - 2].item() == 0.0
-        rows = w[: 2**31 + 65536].view(2, -1)  # two groups of 2**30 + 32768 elements
-        value = CPP.value([rows], Coefficients(group_lasso=1.0, group_dim=0))
-        assert value.item() == pytest.approx(0.5 + 2.5)
-    finally:
-        del w
+    check_int64_indexing(CPP)
 
 
 # ---------------------------------------------------------------------------------------------
 # registration: schemas, fake kernels, opcheck
 
 
-def _opcheck_cases():
-    params = [torch.randn(3, 5), torch.randn(7), torch.randn(2, 3, 4, dtype=torch.float32), torch.randn(())]
-    grads = [torch.randn_like(p) for p in params]
-    ops = torch.ops.fastreg
-    return [
-        ("norms", ops.norms.default, (params,)),
-        ("value", ops.value.default, (params, 0.1, 0.2, 0.3, None)),
-        ("value_rows", ops.value.default, (params, 0.1, 0.2, 0.3, 0)),
-        ("add_grad_", ops.add_grad_.default, (params, grads, 0.1, 0.2, 0.3, None)),
-        ("add_grad_rows", ops.add_grad_.default, (params, grads, 0.1, 0.2, 0.3, 0)),
-        ("decay_", ops.decay_.default, (params, 0.1, None, 0.1, 0.2, 0.3, 0)),
-        ("decay_lr_tensor", ops.decay_.default, (params, 0.0, torch.tensor(0.1), 0.1, 0.2, 0.3, None)),
-        ("penalty_backward", ops.penalty_backward.default, (params, torch.tensor(1.5), 0.1, 0.2, 0.3, 0)),
-        ("penalty_backward_bf16", ops.penalty_backward.default, ([p.bfloat16() for p in params], torch.tensor(1.5), 0.1, 0.0, 0.3, None)),
-    ]
-
-
-@pytest.mark.parametrize("case", range(9))
+@pytest.mark.parametrize("case", range(11))
 def test_opcheck(case):
-    name, op, args = _opcheck_cases()[case]
+    name, op, args = opcheck_cases()[case]
     torch.library.opcheck(op, args)
 
 
@@ -398,7 +278,9 @@ def test_import_builds_nothing():
 
 
 def test_build_all_reports_built():
-    assert _build.build_all(verbose=False) == {"fastreg_cpu": "built"}
+    results = _build.build_all(verbose=False)
+    assert results["fastreg_cpu"] == "built"
+    assert set(results) == set(_build.EXTENSIONS) and not _build.failures(results)
 
 
 def test_name_hashes_sources(tmp_path):
@@ -431,6 +313,47 @@ def test_missing_sources_are_a_reason_not_a_crash(tmp_path):
     ext = _build._Extension("fastreg_missing", ["nowhere.cpp"], [], root=tmp_path)
     with pytest.warns(RuntimeWarning):
         assert "not found" in ext.ensure()
+
+
+def _load_in_subprocess(build_root, timeout):
+    """Loads the cpu extension in a fresh process with FASTREG_BUILD_DIR=build_root: its reason and warnings."""
+    code = ("import warnings, fastreg._build as b\n"
+            "with warnings.catch_warnings(record=True) as caught:\n"
+            "    warnings.simplefilter('always')\n"
+            "    reason = b.cpu_unavailable_reason()\n"
+            "print('reason:', reason)\n"
+            "print('\\n'.join(str(w.message) for w in caught))\n")
+    env = dict(os.environ, **{_build.BUILD_DIR_ENV: str(build_root)})
+    return subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=timeout, check=True).stdout
+
+
+def _copy_of_the_build(tmp_path):
+    assert _build.cpu_unavailable_reason() is None
+    source = _build.CPU.build_directory()
+    copy = tmp_path / source.name
+    shutil.copytree(source, copy, ignore=shutil.ignore_patterns("lock"))
+    return copy
+
+
+def test_stale_lock_of_a_killed_build_is_removed(tmp_path):
+    build = _copy_of_the_build(tmp_path)
+    lock = build / "lock"
+    lock.touch()
+    old = time.time() - _build.STALE_LOCK_SECONDS - 60
+    os.utime(lock, (old, old))
+    out = _load_in_subprocess(tmp_path, timeout=300)  # cpp_extension would wait on the lock forever
+    assert "reason: None" in out and "left 16 minutes ago by a build that did not finish" in out
+    assert not lock.exists()
+
+
+@pytest.mark.slow
+def test_damaged_cached_binary_is_rebuilt(tmp_path):
+    build = _copy_of_the_build(tmp_path)
+    (binary,) = build.glob("*.so")
+    binary.write_bytes(binary.read_bytes()[:4096])  # a truncated copy: dlopen fails
+    out = _load_in_subprocess(tmp_path, timeout=600)
+    assert "reason: None" in out and "differs from the one recorded after its build (damaged); rebuilding it" in out
+    assert binary.stat().st_size > 4096
 
 
 def test_torch_compile_fullgraph():

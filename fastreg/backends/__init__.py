@@ -11,12 +11,13 @@ import torch
 
 from .base import Backend, Coefficients, accumulate_dtype
 from .cpp import CppBackend
+from .cuda import CudaBackend
 from .torch_backend import TorchBackend
 from .triton_backend import TritonBackend
 
 # `auto` takes the first usable backend of this list for a (device, dtype) group; the
 # pure-PyTorch reference is last and always usable.
-_REGISTERED: Tuple[Backend, ...] = (TritonBackend(), CppBackend(), TorchBackend())
+_REGISTERED: Tuple[Backend, ...] = (TritonBackend(), CudaBackend(), CppBackend(), TorchBackend())
 
 BACKENDS: Dict[str, Backend] = {backend.name: backend for backend in _REGISTERED}
 BACKEND_CHOICES: Tuple[str, ...] = ("auto",) + tuple(BACKENDS)

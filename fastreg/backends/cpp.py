@@ -13,23 +13,15 @@ cannot, :meth:`CppBackend.unavailable_reason` says why and ``auto`` uses ``torch
 """
 from __future__ import annotations
 
-from typing import List, Optional, Tuple
+from typing import Optional
 
 import torch
-from torch import Tensor
 
 from .. import _build
-from .base import Backend, Coefficients, LearningRate
+from .extension import ExtensionBackend
 
 
-def _ops():
-    reason = _build.cpu_unavailable_reason()
-    if reason is not None:
-        raise RuntimeError(f"fastreg's cpp backend is unavailable: {reason}")
-    return torch.ops.fastreg
-
-
-class CppBackend(Backend):
+class CppBackend(ExtensionBackend):
     name = "cpp"
 
     def unavailable_reason(self, device: torch.device, dtype: torch.dtype) -> Optional[str]:
@@ -37,20 +29,5 @@ class CppBackend(Backend):
             return "cpp runs on CPU tensors only"
         return _build.cpu_unavailable_reason()
 
-    def norms(self, params: List[Tensor]) -> Tuple[Tensor, Tensor]:
-        return _ops().norms(params)
-
-    def value(self, params: List[Tensor], coefs: Coefficients) -> Tensor:
-        return _ops().value(params, coefs.l1, coefs.l2, coefs.group_lasso, coefs.group_dim)
-
-    def add_grad_(self, params: List[Tensor], grads: List[Tensor], coefs: Coefficients) -> Tensor:
-        return _ops().add_grad_(params, grads, coefs.l1, coefs.l2, coefs.group_lasso, coefs.group_dim)
-
-    def decay_(self, params: List[Tensor], lr: LearningRate, coefs: Coefficients) -> None:
-        if isinstance(lr, Tensor):
-            _ops().decay_(params, 0.0, lr, coefs.l1, coefs.l2, coefs.group_lasso, coefs.group_dim)
-        else:
-            _ops().decay_(params, float(lr), None, coefs.l1, coefs.l2, coefs.group_lasso, coefs.group_dim)
-
-    def penalty_backward(self, params: List[Tensor], grad_output: Tensor, coefs: Coefficients) -> List[Tensor]:
-        return list(_ops().penalty_backward(params, grad_output, coefs.l1, coefs.l2, coefs.group_lasso, coefs.group_dim))
+    def extension_unavailable_reason(self) -> Optional[str]:
+        return _build.cpu_unavailable_reason()

@@ -1,0 +1,499 @@
+"""The ``cuda`` backend: its sources compile with nvcc (in CI, without a GPU), its build is
+skipped with a reason where it cannot run, and, on a GPU, every op matches the ``torch``
+reference on the same CUDA tensors, like the ``cpp`` backend's tests (tests/test_cpp.py).
+
+The GPU tests skip, with the reason, where ``torch.cuda.is_available()`` is False. Where a GPU,
+a CUDA build of torch and nvcc are all present, an unusable backend is a failure, not a skip.
+"""
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import subprocess
+import time
+import warnings
+
+import pytest
+import torch
+
+import fastreg
+from fastreg import _build
+from fastreg.__main__ import main
+from fastreg.backends import BACKENDS, Coefficients, auto_backend, get_backend
+from fastreg.backends.base import accumulate_dtype
+from reference import (
+    COEFS,
+    SHAPES,
+    assert_bitwise_equal,
+    assert_lists_close,
+    check_int64_indexing,
+    check_nan_inf_propagation,
+    elementwise_tol,
+    make_grads,
+    make_params,
+    noncontiguous_params,
+    opcheck_cases,
+    reduction_tol,
+    run_all_ops,
+)
+
+DTYPES = [torch.float32, torch.float64, torch.float16, torch.bfloat16]
+CUDA = BACKENDS["cuda"]
+REF = BACKENDS["torch"]
+CSRC = _build.CSRC
+GPU = torch.cuda.is_available()
+DEVICE = torch.device("cuda") if GPU else None
+
+# Row groups of every cooperation width the kernels use: a thread per group (rows under 32
+# elements), a warp per group, the whole block per group, and groups cut into several items.
+ROW_SHAPES = [(40000, 3), (7, 31), (3000, 40), (100, 100), (31, 2047), (30, 5000), (3, 70000), (2, 131072)]
+
+
+# ---------------------------------------------------------------------------------------------
+# CI without a GPU: nvcc compiles every .cu file against torch's headers
+
+
+def _nvcc_command(source, obj, include_dir):
+    from torch.utils import cpp_extension
+
+    abi = int(torch._C._GLIBCXX_USE_CXX11_ABI)
+    includes = [f"-I{path}" for path in cpp_extension.include_paths()] + [f"-I{CSRC}", f"-I{include_dir}"]
+    return [
+        _build.find_nvcc(), "-c", str(source), "-o", str(obj),
+        *_build.cuda_flags([80, 90]),
+        *cpp_extension.COMMON_NVCC_FLAGS,
+        f"-D_GLIBCXX_USE_CXX11_ABI={abi}", "-DTORCH_API_INCLUDE_EXTENSION_H", "-DTORCH_EXTENSION_NAME=fastreg_cuda_ci",
+        *includes,
+        "--compiler-options", "-fPIC",
+        "-gencode", "arch=compute_80,code=sm_80",
+        "-gencode", "arch=compute_90,code=sm_90",
+    ]
+
+
+# About two minutes on two CPU cores (both architectures, every dtype and kernel variant).
+@pytest.mark.slow
+@pytest.mark.skipif(_build.find_nvcc() is None, reason="no nvcc found (set CUDA_HOME or put nvcc on PATH)")
+@pytest.mark.parametrize("source", sorted(CSRC.glob("*.cu")), ids=lambda p: p.name)
+def test_nvcc_compiles_for_sm80_and_sm90(source, tmp_path):
+    # CPU wheels of torch ship c10/cuda's headers but not this CMake-generated one; with no
+    # settings in it, an empty header is what a CUDA build of torch generates for this purpose.
+    macros = tmp_path / "include" / "c10" / "cuda" / "impl" / "cuda_cmake_macros.h"
+    macros.parent.mkdir(parents=True)
+    macros.write_text("#pragma once\n")
+    obj = tmp_path / (source.stem + ".o")
+    start = time.perf_counter()
+    result = subprocess.run(_nvcc_command(source, obj, tmp_path / "include"), capture_output=True, text=True)
+    elapsed = time.perf_counter() - start
+    assert result.returncode == 0, f"nvcc failed on {source.name} after {elapsed:.0f} s:\n{result.stderr}{result.stdout}"
+    assert obj.stat().st_size > 0
+    cuobjdump = shutil.which("cuobjdump", path=os.path.dirname(_build.find_nvcc()))
+    if cuobjdump:
+        listing = subprocess.run([cuobjdump, "--list-elf", str(obj)], capture_output=True, text=True, check=True).stdout
+        assert "sm_80" in listing and "sm_90" in listing, listing
+
+
+def test_every_kernel_source_is_part_of_the_cuda_extension():
+    assert sorted(p.name for p in CSRC.glob("*.cu")) == sorted(_build.CUDA.sources)
+
+
+# ---------------------------------------------------------------------------------------------
+# build logic, registration and reasons (every machine)
+
+
+def test_registry_order_prefers_triton_then_cuda():
+    assert list(BACKENDS) == ["triton", "cuda", "cpp", "torch"]
+    assert get_backend("cuda") is CUDA
+    assert not CUDA.auto_eligible(torch.device("cpu")) and CUDA.auto_eligible(torch.device("cuda"))
+
+
+def test_cpu_tensors_are_not_for_cuda():
+    reason = CUDA.unavailable_reason(torch.device("cpu"), torch.float32)
+    assert reason.startswith("cuda runs on CUDA tensors only")
+    skip = _build.CUDA.skip_reason()
+    if skip is not None:
+        assert skip in reason
+
+
+def test_kernel_parameter_space_follows_the_target_architectures():
+    assert "-DFASTREG_KERNEL_PARAM_BYTES=4096" in _build.cuda_flags([61, 80])
+    assert not any("PARAM_BYTES" in flag for flag in _build.cuda_flags([80, 90]))
+    assert "--fmad=false" in _build.cuda_flags([90])
+    assert _build._arch_numbers("7.5;8.0+PTX 9.0a") == [75, 80, 90]
+    assert min(_build._arch_numbers("Pascal;8.0")) < 70
+
+
+def test_build_skips_what_cannot_be_built_here(capsys):
+    """`python -m fastreg build` exits 0 where the CUDA extension cannot be built (a CPU-only
+    torch, no nvcc, or no GPU and no TORCH_CUDA_ARCH_LIST), and says why."""
+    skip = _build.CUDA.skip_reason()
+    if skip is None:
+        pytest.skip("the CUDA extension is buildable here")
+    results = _build.build_all()
+    assert results["fastreg_cuda"] == _build.SKIPPED + skip
+    assert not _build.failures(results)
+    assert _build.cuda_unavailable_reason() == skip
+    assert main(["build"]) == 0
+    assert re.search(r"^fastreg_cuda +skipped: ", capsys.readouterr().out, re.MULTILINE)
+
+
+def test_skip_reasons_name_the_missing_piece(monkeypatch):
+    import torch.version
+
+    ext = _build._CudaExtension("fastreg_cuda_probe", ["fastreg_cuda.cu"], ["fastreg.h"], requires=_build.CPU)
+    monkeypatch.setattr(torch.version, "cuda", None)
+    assert "CPU-only build" in ext._find_skip_reason()
+    monkeypatch.setattr(torch.version, "cuda", "12.8")
+    monkeypatch.setattr(_build, "find_nvcc", lambda: None)
+    assert "nvcc not found" in ext._find_skip_reason()
+    monkeypatch.setattr(_build, "find_nvcc", lambda: "/usr/local/cuda/bin/nvcc")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.delenv("TORCH_CUDA_ARCH_LIST", raising=False)
+    assert "no CUDA GPU visible" in ext._find_skip_reason()
+    monkeypatch.setenv("TORCH_CUDA_ARCH_LIST", "9.0")
+    assert ext._find_skip_reason() is None
+    assert ext.target_archs() == [90]
+
+
+def test_skipped_extension_does_not_warn():
+    ext = _build._CudaExtension("fastreg_cuda_probe", ["fastreg_cuda.cu"], ["fastreg.h"], requires=_build.CPU)
+    ext._skip = ("no CUDA here",)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert ext.ensure() == "no CUDA here"
+
+
+def test_cuda_name_hashes_sources_and_flags():
+    name = _build.CUDA.versioned_name()
+    assert name.startswith("fastreg_cuda_") and name != _build.CPU.versioned_name()
+
+
+# ---------------------------------------------------------------------------------------------
+# On a GPU: cuda vs torch, every op, coefficient kind and dtype
+
+gpu = pytest.mark.skipif(not GPU, reason="no CUDA GPU (torch.cuda.is_available() is False)")
+
+
+@pytest.fixture(scope="module")
+def cuda_backend():
+    reason = CUDA.unavailable_reason(torch.device("cuda"), torch.float32)
+    if reason is not None:
+        if torch.version.cuda is not None and _build.find_nvcc() is not None:
+            pytest.fail(f"the cuda backend must work where a GPU, CUDA torch and nvcc exist, but: {reason}")
+        pytest.skip(f"cuda backend unavailable: {reason}")
+    return CUDA
+
+
+def gpu_params(dtype, seed=0, shapes=SHAPES):
+    return make_params(dtype, seed=seed, shapes=shapes, device=DEVICE)
+
+
+@gpu
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_norms(cuda_backend, dtype):
+    params = gpu_params(dtype)
+    abs_sums, sq_sums = CUDA.norms(params)
+    ref_abs, ref_sq = REF.norms(params)
+    assert abs_sums.dtype == sq_sums.dtype == accumulate_dtype(dtype) and abs_sums.shape == (len(params),)
+    assert abs_sums.device == params[0].device
+    torch.testing.assert_close(abs_sums, ref_abs, **reduction_tol(dtype))
+    torch.testing.assert_close(sq_sums, ref_sq, **reduction_tol(dtype))
+
+
+@gpu
+@pytest.mark.parametrize("coefs", COEFS.values(), ids=COEFS.keys())
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_value(cuda_backend, dtype, coefs):
+    params = gpu_params(dtype)
+    value = CUDA.value(params, coefs)
+    assert value.shape == () and value.dtype == accumulate_dtype(dtype) and value.is_cuda
+    torch.testing.assert_close(value, REF.value(params, coefs), **reduction_tol(dtype))
+
+
+@gpu
+@pytest.mark.parametrize("coefs", COEFS.values(), ids=COEFS.keys())
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_add_grad(cuda_backend, dtype, coefs):
+    params = gpu_params(dtype)
+    before = [p.clone() for p in params]
+    grads, ref_grads = make_grads(params), make_grads(params)
+    value = CUDA.add_grad_(params, grads, coefs)
+    torch.testing.assert_close(value, REF.add_grad_(params, ref_grads, coefs), **reduction_tol(dtype))
+    # The coupled value is the one value() returns, to the bit.
+    assert torch.equal(value, CUDA.value(params, coefs))
+    assert_lists_close(grads, ref_grads, **elementwise_tol(dtype))
+    assert_bitwise_equal(params, before)
+
+
+@gpu
+@pytest.mark.parametrize("coefs", COEFS.values(), ids=COEFS.keys())
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_penalty_backward(cuda_backend, dtype, coefs):
+    params = gpu_params(dtype)
+    grad_output = torch.tensor(1.75, dtype=accumulate_dtype(dtype), device=DEVICE)
+    out = CUDA.penalty_backward(params, grad_output, coefs)
+    assert [(g.shape, g.dtype, g.device) for g in out] == [(p.shape, p.dtype, p.device) for p in params]
+    assert_lists_close(out, REF.penalty_backward(params, grad_output, coefs), **elementwise_tol(dtype))
+
+
+@gpu
+@pytest.mark.parametrize("lr_kind", ["float", "cuda_tensor", "cpu_tensor", "fp32_tensor"])
+@pytest.mark.parametrize("coefs", COEFS.values(), ids=COEFS.keys())
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_decay(cuda_backend, dtype, coefs, lr_kind):
+    lr = {
+        "float": 0.5,
+        "cuda_tensor": torch.tensor(0.5, dtype=torch.float64, device=DEVICE),
+        "cpu_tensor": torch.tensor(0.5, dtype=torch.float64),
+        "fp32_tensor": torch.tensor(0.5, device=DEVICE),
+    }[lr_kind]
+    params, ref_params = gpu_params(dtype), gpu_params(dtype)
+    CUDA.decay_(params, lr, coefs)
+    REF.decay_(ref_params, lr.to(DEVICE) if isinstance(lr, torch.Tensor) else lr, coefs)
+    assert_lists_close(params, ref_params, **elementwise_tol(dtype))
+    for p, r in zip(params, ref_params):
+        assert torch.equal(p == 0, r == 0)
+
+
+@gpu
+@pytest.mark.parametrize("coefs", [COEFS["group_lasso_rows"], COEFS["all_rows"], COEFS["all"]], ids=["rows", "all_rows", "all"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64], ids=str)
+def test_row_groups_of_every_width(cuda_backend, dtype, coefs):
+    params = gpu_params(dtype, shapes=ROW_SHAPES)
+    tol, rtol = elementwise_tol(dtype), reduction_tol(dtype)
+    torch.testing.assert_close(CUDA.value(params, coefs), REF.value(params, coefs), **rtol)
+    grads, ref_grads = make_grads(params), make_grads(params)
+    torch.testing.assert_close(CUDA.add_grad_(params, grads, coefs), REF.add_grad_(params, ref_grads, coefs), **rtol)
+    assert_lists_close(grads, ref_grads, **tol)
+    go = torch.tensor(0.5, device=DEVICE)
+    assert_lists_close(CUDA.penalty_backward(params, go, coefs), REF.penalty_backward(params, go, coefs), **tol)
+    ref_params = [p.clone() for p in params]
+    CUDA.decay_(params, 0.02, coefs)
+    REF.decay_(ref_params, 0.02, coefs)
+    assert_lists_close(params, ref_params, **tol)
+
+
+@gpu
+def test_decay_zeroes_whole_groups(cuda_backend):
+    w = torch.tensor([[3.0, 4.0], [0.3, 0.4], [0.0, 0.0]], device=DEVICE)
+    CUDA.decay_([w], 1.0, Coefficients(group_lasso=1.0, group_dim=0))
+    torch.testing.assert_close(w.cpu(), torch.tensor([[2.4, 3.2], [0.0, 0.0], [0.0, 0.0]]), rtol=0, atol=1e-7)
+
+
+@gpu
+@pytest.mark.parametrize("count", [1, 700, 2000])
+def test_more_tensors_than_one_launch_holds(cuda_backend, count):
+    """Lists longer than one launch's tensor table (about 600 with 32 KB of parameters) are split
+    over several launches; partial sums and group indices carry across them."""
+    shapes = [((i % 5) + 1, (i % 7) + 2) if i % 3 else ((i % 11) * 13,) for i in range(count)]
+    params = gpu_params(torch.float32, shapes=shapes)
+    for coefs in (COEFS["elastic_net"], COEFS["all_rows"]):
+        assert_lists_close(CUDA.norms(params), REF.norms(params), **reduction_tol(torch.float32))
+        grads, ref_grads = make_grads(params), make_grads(params)
+        torch.testing.assert_close(CUDA.add_grad_(params, grads, coefs), REF.add_grad_(params, ref_grads, coefs),
+                                   **reduction_tol(torch.float32))
+        assert_lists_close(grads, ref_grads, **elementwise_tol(torch.float32))
+        ref_params = [p.clone() for p in params]
+        CUDA.decay_(params, 0.1, coefs)
+        REF.decay_(ref_params, 0.1, coefs)
+        assert_lists_close(params, ref_params, **elementwise_tol(torch.float32))
+
+
+# ---------------------------------------------------------------------------------------------
+# layouts, special values, determinism
+
+
+@gpu
+@pytest.mark.parametrize("coefs", [COEFS["all"], COEFS["all_rows"], COEFS["elastic_net"]], ids=["all", "all_rows", "elastic_net"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_non_contiguous(cuda_backend, dtype, coefs):
+    params = noncontiguous_params(dtype, device=DEVICE)
+    assert not any(p.is_contiguous() for p in params)
+    contiguous = [p.contiguous() for p in params]
+    tol = elementwise_tol(dtype)
+
+    torch.testing.assert_close(CUDA.value(params, coefs), CUDA.value(contiguous, coefs), rtol=0, atol=0)
+    assert_lists_close(CUDA.norms(params), CUDA.norms(contiguous), rtol=0, atol=0)
+
+    gen = torch.Generator().manual_seed(1)
+    grads = [torch.randn(*p.shape, 2, generator=gen).to(dtype).to(DEVICE)[..., 0] for p in params]
+    assert not any(g.is_contiguous() for g in grads)
+    ref_grads = [g.clone() for g in grads]
+    value = CUDA.add_grad_(params, grads, coefs)
+    torch.testing.assert_close(value, REF.add_grad_(params, ref_grads, coefs), **reduction_tol(dtype))
+    assert_lists_close(grads, ref_grads, **tol)
+
+    go = torch.tensor(0.5, device=DEVICE)
+    assert_lists_close(CUDA.penalty_backward(params, go, coefs), REF.penalty_backward(params, go, coefs), **tol)
+
+    ref_params = [p.clone() for p in params]
+    CUDA.decay_(params, 0.5, coefs)
+    REF.decay_(ref_params, 0.5, coefs)
+    assert_lists_close(params, ref_params, **tol)
+
+
+@gpu
+def test_misaligned_views_take_the_scalar_path(cuda_backend):
+    """Views that start off a 16-byte boundary are read element by element, with the same
+    thread -> element assignment, so they give the bits of an aligned copy."""
+    base = gpu_params(torch.float32, shapes=[(70001 * 3 + 1,)])[0]
+    view = base[1:].view(3, 70001)
+    copy = view.clone()
+    for coefs in (COEFS["all"], COEFS["all_rows"], COEFS["elastic_net"]):
+        assert torch.equal(CUDA.value([view], coefs), CUDA.value([copy], coefs))
+        go = torch.tensor(1.5, device=DEVICE)
+        assert_bitwise_equal(CUDA.penalty_backward([view], go, coefs), CUDA.penalty_backward([copy], go, coefs))
+
+
+@gpu
+@pytest.mark.parametrize("coefs", COEFS.values(), ids=COEFS.keys())
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=str)
+def test_nan_inf_propagate_like_reference(cuda_backend, dtype, coefs):
+    check_nan_inf_propagation(CUDA, dtype, coefs, device=DEVICE)
+
+
+@gpu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_deterministic_across_runs(cuda_backend, dtype):
+    params = gpu_params(dtype, shapes=[(300, 1000), (1_000_003,), (2000, 300), (77,), (5, 200_000), (40000, 3)])
+    for coefs in COEFS.values():
+        first = run_all_ops(CUDA, params, coefs)
+        for _ in range(2):
+            assert_bitwise_equal(run_all_ops(CUDA, params, coefs), first)
+
+
+@gpu
+def test_device_scalars_are_not_copied_to_the_host(cuda_backend):
+    """lr and grad_output held in CUDA tensors are read by the kernels: no call synchronizes."""
+    params = gpu_params(torch.float32, shapes=[(64, 40), (1000,), (3, 70000)])
+    grads = make_grads(params)
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        for coefs in (COEFS["all"], COEFS["all_rows"], COEFS["elastic_net"]):
+            CUDA.norms(params)
+            CUDA.value(params, coefs)
+            CUDA.add_grad_(params, grads, coefs)
+            CUDA.penalty_backward(params, torch.tensor(2.0, device=DEVICE), coefs)
+            CUDA.decay_(params, torch.tensor(0.1, device=DEVICE), coefs)
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
+
+
+@gpu
+@pytest.mark.slow
+def test_int64_indexing_beyond_2_pow_31(cuda_backend):
+    check_int64_indexing(CUDA, DEVICE)
+
+
+# ---------------------------------------------------------------------------------------------
+# registration: opcheck, input checks, CUDA graphs, torch.compile
+
+
+@gpu
+@pytest.mark.parametrize("case", range(11))
+def test_opcheck(cuda_backend, case):
+    name, op, args = opcheck_cases(DEVICE)[case]
+    torch.library.opcheck(op, args)
+
+
+@gpu
+def test_ops_check_their_inputs(cuda_backend):
+    ops = torch.ops.fastreg
+    with pytest.raises(RuntimeError, match="params\\[1\\] is"):
+        ops.norms([torch.randn(3, device=DEVICE), torch.randn(3, dtype=torch.float64, device=DEVICE)])
+    with pytest.raises(RuntimeError, match="params\\[1\\] is on cpu"):
+        ops.norms([torch.randn(3, device=DEVICE), torch.randn(3)])
+    with pytest.raises(RuntimeError, match="grads\\[0\\]"):
+        ops.add_grad_([torch.randn(3, device=DEVICE)], [torch.randn(4, device=DEVICE)], 0.1, 0.0, 0.0, None)
+    with pytest.raises(RuntimeError, match="group_dim"):
+        ops.value([torch.randn(3, device=DEVICE)], 0.1, 0.0, 0.0, 1)
+    with pytest.raises(RuntimeError, match="lr_tensor must be one floating-point element"):
+        ops.decay_([torch.randn(3, device=DEVICE)], 0.0, torch.ones(2, device=DEVICE), 0.1, 0.0, 0.0, None)
+    with pytest.raises(RuntimeError, match="grad_output must have one element"):
+        ops.penalty_backward([torch.randn(3, device=DEVICE)], torch.ones(2, device=DEVICE), 0.1, 0.0, 0.0, None)
+
+
+@gpu
+def test_registry_and_auto_on_cuda(cuda_backend):
+    auto = auto_backend(DEVICE, torch.float32)
+    assert auto.name in ("triton", "cuda")
+    assert CUDA.unavailable_reason(DEVICE, torch.bfloat16) is None
+
+
+@gpu
+@pytest.mark.parametrize("coefs", [COEFS["elastic_net"], COEFS["all_rows"]], ids=["elastic_net", "all_rows"])
+def test_cuda_graph_capture_and_replay(cuda_backend, coefs):
+    """add_penalty_grad_ and decay_ (with an lr tensor) captured once, replayed on new values:
+    nothing in a call reads host memory that a replay would see stale."""
+    kwargs = dict(l1=coefs.l1, l2=coefs.l2, group_lasso=coefs.group_lasso, group_dim=coefs.group_dim)
+    shapes = [(64, 40), (3, 70000), (1000,), ()]
+    params = [p.requires_grad_() for p in gpu_params(torch.float32, shapes=shapes)]
+    for p, g in zip(params, make_grads(params)):
+        p.grad = g
+    lr = torch.tensor(0.1, device=DEVICE)
+
+    def step():
+        value = fastreg.add_penalty_grad_(params, backend="cuda", **kwargs)
+        with torch.no_grad():
+            fastreg.decay_(params, lr=lr, backend="cuda", **kwargs)
+        return value
+
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        step()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        captured = step()
+
+    for seed, new_lr in ((3, 0.05), (4, 0.2)):
+        new_params = gpu_params(torch.float32, seed=seed, shapes=shapes)
+        new_grads = make_grads(new_params, seed=seed + 10)
+        with torch.no_grad():
+            for p, w, g in zip(params, new_params, new_grads):
+                p.copy_(w)
+                p.grad.copy_(g)
+        lr.fill_(new_lr)
+        graph.replay()
+        torch.cuda.synchronize()
+        expected = REF.add_grad_(new_params, new_grads, coefs)
+        REF.decay_(new_params, new_lr, coefs)
+        torch.testing.assert_close(captured, expected, **reduction_tol(torch.float32))
+        assert_lists_close([p.grad for p in params], new_grads, **elementwise_tol(torch.float32))
+        assert_lists_close([p.detach() for p in params], new_params, **elementwise_tol(torch.float32))
+
+
+@gpu
+def test_torch_compile_fullgraph(cuda_backend):
+    ops = torch.ops.fastreg
+
+    def step(params, grads, lr):
+        value = ops.add_grad_(params, grads, 0.1, 0.2, 0.3, 0)
+        ops.decay_(params, 0.0, lr, 0.1, 0.2, 0.3, None)
+        return value + ops.norms(params)[0].sum()
+
+    shapes = [(30, 20), (7,)]
+    params, grads = gpu_params(torch.float32, shapes=shapes), make_grads(gpu_params(torch.float32, shapes=shapes))
+    eager = ([p.clone() for p in params], [g.clone() for g in grads])
+    lr = torch.tensor(0.1, device=DEVICE)
+    expected = step(*eager, lr)
+    compiled = torch.compile(step, fullgraph=True, backend="aot_eager")
+    assert torch.equal(compiled(params, grads, lr), expected)
+    assert_bitwise_equal(params + grads, eager[0] + eager[1])
+
+
+@gpu
+@pytest.mark.parametrize("group_dim", [None, 0])
+def test_public_penalty_backward_chain(cuda_backend, group_dim):
+    kwargs = dict(l1=1e-3, l2=1e-2, group_lasso=1e-2, group_dim=group_dim)
+    grads = {}
+    for backend in ("cuda", "torch"):
+        torch.manual_seed(0)
+        model = torch.nn.Sequential(torch.nn.Linear(20, 30), torch.nn.ReLU(), torch.nn.Linear(30, 3)).to(DEVICE)
+        x = torch.randn(8, 20, generator=torch.Generator().manual_seed(3)).to(DEVICE)
+        loss = model(x).square().mean() + fastreg.penalty(model.parameters(), backend=backend, **kwargs)
+        loss.backward()
+        grads[backend] = [p.grad for p in model.parameters()]
+    assert_lists_close(grads["cuda"], grads["torch"], rtol=1e-5, atol=1e-6)
