@@ -12,6 +12,7 @@ import os
 from typing import Iterable, List, Optional, Sequence, Tuple, Union
 
 import torch
+import torch._dynamo
 from torch import Tensor
 
 from .backends import Backend, Coefficients, auto_backend, get_backend
@@ -67,6 +68,8 @@ def tensor_list(params: TensorOrTensors, name: str = "params") -> List[Tensor]:
         tensors = list(params)
     except TypeError:
         raise TypeError(f"{name} must be a tensor or an iterable of tensors, got {type(params).__name__}") from None
+    # Keyed by the tensors themselves, not id(t): torch.compile traces a dict of tensors
+    # without guarding on object identity, so new tensors of the same shapes reuse a graph.
     seen = {}
     for i, t in enumerate(tensors):
         if not isinstance(t, Tensor):
@@ -77,9 +80,9 @@ def tensor_list(params: TensorOrTensors, name: str = "params") -> List[Tensor]:
             raise TypeError(f"{name}[{i}] has dtype {t.dtype}; fastreg supports float16, bfloat16, float32 and float64")
         if t.device.type == "meta":
             raise ValueError(f"{name}[{i}] is on the meta device and holds no values")
-        if id(t) in seen:
-            raise ValueError(f"{name}[{i}] is the same tensor as {name}[{seen[id(t)]}]; pass each tensor once")
-        seen[id(t)] = i
+        if t in seen:
+            raise ValueError(f"{name}[{i}] is the same tensor as {name}[{seen[t]}]; pass each tensor once")
+        seen[t] = i
     return tensors
 
 
@@ -92,9 +95,75 @@ def single_device(tensors: Sequence[Tensor], name: str = "params") -> None:
         )
 
 
-def grads_of(tensors: Sequence[Tensor], name: str = "params") -> Tuple[List[Tensor], List[Tensor]]:
-    """The tensors that have a ``.grad`` and those grads, checked; tensors without one are skipped."""
-    with_grad, grads = [], []
+def check_no_overlap(tensors: Sequence[Tensor], name: str = "params", suffix: str = "", indices: Optional[Sequence[int]] = None) -> None:
+    """Refuse tensors that share elements: an op writing them in place would give a result
+    that depends on the order of its writes (and, in a parallel kernel, would race).
+
+    Tensors on one storage whose byte ranges are disjoint (slices of a flat buffer, as DDP's
+    ``gradient_as_bucket_view`` makes) pass at the cost of a few integer comparisons; only
+    when ranges intersect (interleaved views such as ``w[:, ::2]`` and ``w[:, 1::2]``) are
+    the elements themselves compared. Under ``torch.compile`` the check is skipped: data
+    pointers are not traceable, and the compiler guards a graph's inputs for aliasing itself.
+    """
+    if torch.compiler.is_compiling():
+        return
+    indices = range(len(tensors)) if indices is None else indices
+    by_storage = {}
+    for i, t in zip(indices, tensors):
+        if t.numel():
+            by_storage.setdefault(t.untyped_storage().data_ptr(), []).append((i, t))
+    for shared in by_storage.values():
+        if len(shared) < 2:
+            continue
+        spans = sorted((_byte_span(t) + (i,) for i, t in shared))
+        end = spans[0][1]
+        for start, stop, _ in spans[1:]:
+            if start < end:
+                _check_shared_elements(shared, name, suffix)
+                break
+            end = max(end, stop)
+
+
+def _byte_span(t: Tensor) -> Tuple[int, int]:
+    start = t.storage_offset() * t.element_size()
+    extent = 1 + sum((size - 1) * abs(stride) for size, stride in zip(t.shape, t.stride()))
+    return start, start + extent * t.element_size()
+
+
+def _check_shared_elements(shared: Sequence[Tuple[int, Tensor]], name: str, suffix: str) -> None:
+    """Raise naming the first two of ``shared`` (index, tensor on one storage) that have an
+    element in common; views of another element size or alignment count as sharing."""
+    def refuse(first: int, second: int):
+        first, second = sorted((first, second))
+        raise ValueError(
+            f"{name}[{second}]{suffix} shares memory with {name}[{first}]{suffix}; tensors written in place "
+            "must not overlap (the result would depend on the order of the writes)"
+        )
+
+    element_size = shared[0][1].element_size()
+    for (i, a), (j, b) in zip(shared, shared[1:]):
+        if b.element_size() != element_size:
+            refuse(i, j)
+    spans = [_byte_span(t) for _, t in shared]
+    base = min(start for start, _ in spans)
+    if any((start - base) % element_size for start, _ in spans):
+        refuse(shared[0][0], shared[1][0])
+    count = (max(stop for _, stop in spans) - base) // element_size
+    numbering = torch.arange(count, device=shared[0][1].device)
+    owner = torch.full((count,), -1, dtype=torch.long, device=numbering.device)
+    for (i, t), (start, _) in zip(shared, spans):
+        elements = numbering.as_strided(t.shape, t.stride(), (start - base) // element_size).reshape(-1)
+        taken = owner[elements]
+        clash = taken >= 0
+        if bool(clash.any()):
+            refuse(int(taken[clash][0]), i)
+        owner[elements] = i
+
+
+def grads_of(tensors: Sequence[Tensor], name: str = "params") -> Tuple[List[Tensor], List[Tensor], List[int]]:
+    """The tensors that have a ``.grad``, those grads, checked, and their indices in
+    ``tensors``; tensors without one are skipped."""
+    with_grad, grads, indices = [], [], []
     for i, t in enumerate(tensors):
         g = t.grad
         if g is None:
@@ -108,7 +177,8 @@ def grads_of(tensors: Sequence[Tensor], name: str = "params") -> Tuple[List[Tens
             )
         with_grad.append(t)
         grads.append(g)
-    return with_grad, grads
+        indices.append(i)
+    return with_grad, grads, indices
 
 
 def split(tensors: Sequence[Tensor]) -> List[Group]:
@@ -119,6 +189,19 @@ def split(tensors: Sequence[Tensor]) -> List[Group]:
     return [(device, dtype, indices) for (device, dtype), indices in groups.items()]
 
 
+# torch.compile calls these two at trace time and takes their answers as constants: whether
+# a backend can run may mean building its extension (a lock, a compiler run), which has no
+# business in a graph, and the answer does not change while a process lives.
+@torch._dynamo.assume_constant_result
+def _auto_name(device: torch.device, dtype: torch.dtype) -> str:
+    return auto_backend(device, dtype).name
+
+
+@torch._dynamo.assume_constant_result
+def _unavailable_reason(name: str, device: torch.device, dtype: torch.dtype) -> Optional[str]:
+    return get_backend(name).unavailable_reason(device, dtype)
+
+
 def backend_for(name: Optional[str], device: torch.device, dtype: torch.dtype) -> Backend:
     """The backend named by the call, else by ``FASTREG_BACKEND``, else ``auto``'s choice."""
     origin = "backend"
@@ -127,12 +210,12 @@ def backend_for(name: Optional[str], device: torch.device, dtype: torch.dtype) -
     if not isinstance(name, str):
         raise TypeError(f"backend must be a string, got {type(name).__name__}")
     if name == "auto":
-        return auto_backend(device, dtype)
+        return get_backend(_auto_name(device, dtype))
     try:
         backend = get_backend(name)
     except ValueError as error:
         raise ValueError(f"{origin}: {error}") from None
-    reason = backend.unavailable_reason(device, dtype)
+    reason = _unavailable_reason(name, device, dtype)
     if reason is not None:
         raise RuntimeError(f"backend {name!r} cannot run on {device} with {dtype}: {reason}")
     return backend

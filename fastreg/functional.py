@@ -16,7 +16,7 @@ from typing import List, NamedTuple, Optional, Sequence, Tuple
 import torch
 from torch import Tensor
 
-from . import _dispatch
+from . import _dispatch, distributed
 from ._dispatch import TensorOrTensors
 from .backends import Backend, Coefficients
 
@@ -45,14 +45,21 @@ class _Call(NamedTuple):
     plan: List[Tuple[Backend, List[int]]]  # (backend, indices) per (device, dtype) group
 
 
-def _prepare(params: TensorOrTensors, backend: Optional[str], with_grads: bool = False) -> _Call:
-    """Check every tensor and choose every group's backend before any work runs, so a bad
-    call (or a backend that refuses a group) changes nothing."""
+def _prepare(tensors: List[Tensor], backend: Optional[str], with_grads: bool = False, writes_params: bool = False) -> _Call:
+    """Check every tensor (``tensors`` come from :func:`_dispatch.tensor_list`) and choose
+    every group's backend before any work runs, so a bad call (or a backend that refuses a
+    group) changes nothing. ``with_grads`` keeps the tensors that have a ``.grad`` (whose
+    grads are written: they must not overlap); ``writes_params``: the tensors themselves
+    are written and must not overlap."""
     _dispatch.check_backend_name(backend)
-    tensors, grads = _dispatch.tensor_list(params), None
+    grads = None
     if with_grads:
-        tensors, grads = _dispatch.grads_of(tensors)
+        tensors, grads, indices = _dispatch.grads_of(tensors)
     _dispatch.single_device(tensors)
+    if with_grads:
+        _dispatch.check_no_overlap(grads, "params", ".grad", indices)
+    if writes_params:
+        _dispatch.check_no_overlap(tensors, "params")
     plan = [(_dispatch.backend_for(backend, device, dtype), indices) for device, dtype, indices in _dispatch.split(tensors)]
     return _Call(tensors, grads, plan)
 
@@ -98,29 +105,55 @@ def penalty(
     per (device, dtype) group rather than one autograd node per tensor::
 
         loss = criterion(model(x), y) + fastreg.penalty(model.parameters(), l1=1e-5, l2=1e-4)
+
+    ``P`` is a function of the list as given: views of one tensor listed side by side each
+    count, while the same tensor object twice is refused (``ValueError``), as it is almost
+    always a list built by hand that repeats a tied weight. Sharded parameters (DTensors,
+    as from FSDP2's ``fully_shard``) give the whole model's ``P`` on every rank and
+    gradients sharded like the parameters (:mod:`fastreg.distributed`).
     """
     coefs = _dispatch.make_coefficients(l1, l2, group_lasso, group_dim)
-    tensors, _, plan = _prepare(params, backend)
+    tensors = _dispatch.tensor_list(params)
+    if distributed.any_dtensor(tensors):
+        return distributed.penalty(tensors, coefs, backend)
+    call = _prepare(tensors, backend)
+    return _penalty(call, coefs)
+
+
+def _penalty(call: _Call, coefs: Coefficients) -> Tensor:
+    tensors, _, plan = call
     return _total([_PenaltyFunction.apply(be, coefs, *_select(tensors, idx)) for be, idx in plan], tensors)
 
 
+def _norms_parts(call: _Call) -> Tuple[Tensor, Tensor]:
+    """Per-tensor ``sum|w|`` and ``sum w^2`` of a prepared call, in its tensors' order."""
+    tensors, _, plan = call
+    dtype = _dispatch.result_dtype(tensors)
+    per_group = [be.norms(_select(tensors, idx)) for be, idx in plan]
+    if len(per_group) == 1:
+        return tuple(x.to(dtype) for x in per_group[0])
+    abs_parts, sq_parts = [None] * len(tensors), [None] * len(tensors)
+    for (_, idx), (group_abs, group_sq) in zip(plan, per_group):
+        for i, a, s in zip(idx, group_abs.to(dtype).unbind(), group_sq.to(dtype).unbind()):
+            abs_parts[i], sq_parts[i] = a, s
+    return torch.stack(abs_parts), torch.stack(sq_parts)
+
+
 def norms(params: TensorOrTensors, *, backend: Optional[str] = None) -> Norms:
-    """Total and per-tensor L1 and L2 norms of ``params``, without gradient tracking."""
-    tensors, _, plan = _prepare(params, backend)
+    """Total and per-tensor L1 and L2 norms of ``params``, without gradient tracking.
+
+    For sharded parameters (DTensors) these are the norms of the whole tensors, on every rank.
+    """
+    tensors = _dispatch.tensor_list(params)
+    if distributed.any_dtensor(tensors):
+        return Norms(*distributed.norms(tensors, backend))
+    call = _prepare(tensors, backend)
     dtype = _dispatch.result_dtype(tensors)
     if not tensors:
         zero, empty = torch.zeros((), dtype=dtype), torch.zeros(0, dtype=dtype)
         return Norms(zero, zero, empty, empty)
     with torch.no_grad():
-        per_group = [be.norms(_select(tensors, idx)) for be, idx in plan]
-        if len(per_group) == 1:
-            abs_sums, sq_sums = (x.to(dtype) for x in per_group[0])
-        else:  # put each group's entries back at their tensors' positions
-            abs_parts, sq_parts = [None] * len(tensors), [None] * len(tensors)
-            for (_, idx), (group_abs, group_sq) in zip(plan, per_group):
-                for i, a, s in zip(idx, group_abs.to(dtype).unbind(), group_sq.to(dtype).unbind()):
-                    abs_parts[i], sq_parts[i] = a, s
-            abs_sums, sq_sums = torch.stack(abs_parts), torch.stack(sq_parts)
+        abs_sums, sq_sums = _norms_parts(call)
         return Norms(abs_sums.sum(), sq_sums.sum(), abs_sums, sq_sums.sqrt())
 
 
@@ -137,9 +170,19 @@ def add_penalty_grad_(
 
     Tensors without a ``.grad`` are skipped. Call it between ``backward()`` and
     ``optimizer.step()``; with ``l2`` alone and SGD this is ``SGD(weight_decay=l2)``.
+    Gradients that share memory (two tensors with one ``.grad``, or views of one buffer)
+    are refused with a ``ValueError`` before anything is written: the sum would depend
+    on the order of the writes.
     """
     coefs = _dispatch.make_coefficients(l1, l2, group_lasso, group_dim)
-    tensors, grads, plan = _prepare(params, backend, with_grads=True)
+    tensors = _dispatch.tensor_list(params)
+    if distributed.any_dtensor(tensors):
+        return distributed.add_penalty_grad_(tensors, coefs, backend)
+    return _add_grad(_prepare(tensors, backend, with_grads=True), coefs)
+
+
+def _add_grad(call: _Call, coefs: Coefficients) -> Tensor:
+    tensors, grads, plan = call
     with torch.no_grad():
         values = [be.add_grad_(_select(tensors, idx), _select(grads, idx), coefs) for be, idx in plan]
     return _total(values, tensors)
@@ -160,12 +203,22 @@ def decay_(
     ``p *= 1 - lr*l2`` (AdamW's decay), then the proximal maps of the L1 term
     (``p = sign(p) * max(|p| - lr*l1, 0)``, exact zeros) and of the group-lasso term
     (``p_g *= max(0, 1 - lr*group_lasso / ||p_g||)``, whole groups to zero).
+
+    Tensors that share memory (views of one buffer) are refused with a ``ValueError``
+    before anything is written, as the result would depend on the order of the writes.
     """
     coefs = _dispatch.make_coefficients(l1, l2, group_lasso, group_dim)
     lr = _dispatch.check_lr(lr)
-    tensors, _, plan = _prepare(params, backend)
+    tensors = _dispatch.tensor_list(params)
+    if distributed.any_dtensor(tensors):
+        return distributed.decay_(tensors, lr, coefs, backend)
+    _decay(_prepare(tensors, backend, writes_params=True), lr, coefs)
+
+
+def _decay(call: _Call, lr, coefs: Coefficients) -> None:
     if coefs.is_zero():
         return
+    tensors, _, plan = call
     with torch.no_grad():
         for be, idx in plan:
             be.decay_(_select(tensors, idx), lr, coefs)

@@ -1,7 +1,6 @@
 """``Regularized``: wrap any ``torch.optim.Optimizer`` so each step also applies the penalty."""
 from __future__ import annotations
 
-import dataclasses
 import warnings
 from collections import OrderedDict
 from typing import Any, Callable, Dict, List, Optional
@@ -11,7 +10,7 @@ from torch import Tensor
 
 from . import _dispatch
 from .backends import Coefficients
-from .functional import add_penalty_grad_, decay_, penalty
+from . import distributed, functional
 
 MODES = ("coupled", "decoupled")
 COEFFICIENT_KEYS = ("l1", "l2", "group_lasso")
@@ -78,7 +77,9 @@ class Regularized(torch.optim.Optimizer):
         self.backend = backend
         self.track_penalty = bool(track_penalty)
         self.regularization_defaults = {key: getattr(coefs, key) for key in COEFFICIENT_KEYS}
-        self.last_penalty: Optional[Tensor] = None
+        # A dict rather than an attribute: torch.compile drops attribute assignments made on
+        # an Optimizer inside a compiled step (torch 2.13), but replays mutations of a dict.
+        self._log: Dict[str, Optional[Tensor]] = {"last_penalty": None}
         # What torch.optim.Optimizer.__init__ creates; its params logic is the inner optimizer's.
         self._optimizer_step_pre_hooks = OrderedDict()
         self._optimizer_step_post_hooks = OrderedDict()
@@ -89,6 +90,16 @@ class Regularized(torch.optim.Optimizer):
         self._patch_step_function()
         for index, group in enumerate(self.param_groups):
             self._adopt_group(group, index)
+
+    @property
+    def last_penalty(self) -> Optional[Tensor]:
+        """``P`` of the weights the last step started from (``None`` before the first step
+        or when nothing is regularized), a tensor: reading it does not sync with the device."""
+        return self._log["last_penalty"]
+
+    @last_penalty.setter
+    def last_penalty(self, value: Optional[Tensor]) -> None:
+        self._log["last_penalty"] = value
 
     # -- shared with the inner optimizer -------------------------------------------------
     @property
@@ -120,6 +131,8 @@ class Regularized(torch.optim.Optimizer):
 
     def __setstate__(self, state: Dict[str, Any]) -> None:
         self.__dict__.update(state)
+        # pickles from before last_penalty moved into _log
+        self.__dict__.setdefault("_log", {"last_penalty": self.__dict__.pop("last_penalty", None)})
         self._patch_step_function()
 
     def __repr__(self) -> str:
@@ -154,50 +167,63 @@ class Regularized(torch.optim.Optimizer):
     def _coefficients(self, group: Dict[str, Any]) -> Coefficients:
         return _dispatch.make_coefficients(group_dim=self.group_dim, **{key: group[key] for key in COEFFICIENT_KEYS})
 
-    def _run(self, op: Callable, group: Dict[str, Any], coefs: Coefficients, *args) -> List[Tensor]:
-        """Apply a functional op to the params of one group that have a gradient (like
-        torch's optimizers, frozen or unused params are neither updated nor decayed), once
-        per device, as a model may span devices; returns the values the op produced."""
-        by_device: Dict[torch.device, List[Tensor]] = {}
-        for t in group["params"]:
-            if t.grad is not None:
-                by_device.setdefault(t.device, []).append(t)
-        values = []
-        for tensors in by_device.values():
-            value = op(tensors, *args, **dataclasses.asdict(coefs), backend=self.backend)
-            if value is not None:
-                values.append(value)
-        return values
+    def _plan(self, with_grads: bool, writes_params: bool, coefs_of: Callable[[Coefficients], Coefficients] = lambda c: c) -> List[Callable[[], Optional[Tensor]]]:
+        """Check every param group and prepare its calls before any runs, so that a bad
+        tensor in a later group raises before an earlier group is touched; returns the calls.
+
+        Like torch's optimizers, only params that have a gradient are regularized (frozen
+        or unused params are neither updated nor decayed). Params are split by device (a
+        model may span devices) and by device mesh for sharded (DTensor) params.
+        """
+        work = []
+        for index, group in enumerate(self.param_groups):
+            coefs = coefs_of(self._coefficients(group))
+            if coefs.is_zero():
+                continue
+            parts: Dict[Any, List[Tensor]] = {}
+            for t in group["params"]:
+                if t.grad is not None:
+                    key = (t.device, t.device_mesh if distributed.any_dtensor([t]) else None)
+                    parts.setdefault(key, []).append(t)
+            for (_, mesh), tensors in parts.items():
+                work.append(self._call(tensors, mesh is not None, coefs, group, with_grads, writes_params))
+        return work
+
+    def _call(self, tensors: List[Tensor], sharded: bool, coefs: Coefficients, group: Dict[str, Any], with_grads: bool, writes_params: bool):
+        backend = self.backend
+        if sharded:  # the distributed path validates as it runs, before any write
+            if with_grads:
+                return lambda: distributed.add_penalty_grad_(tensors, coefs, backend)
+            if writes_params:
+                lr = _dispatch.check_lr(group["lr"])
+                return lambda: distributed.decay_(tensors, lr, coefs, backend)
+            return lambda: distributed.penalty(tensors, coefs, backend)
+        call = functional._prepare(_dispatch.tensor_list(tensors), backend, with_grads=with_grads, writes_params=writes_params)
+        if with_grads:
+            return lambda: functional._add_grad(call, coefs)
+        if writes_params:
+            lr = _dispatch.check_lr(group["lr"])
+            return lambda: functional._decay(call, lr, coefs)
+        return lambda: functional._penalty(call, coefs)
 
     def _record(self, values: List[Tensor]) -> None:
-        self.last_penalty = _dispatch.total(values, _dispatch.result_dtype(values), values[0].device) if values else None
+        self._log["last_penalty"] = _dispatch.total(values, _dispatch.result_dtype(values), values[0].device) if values else None
 
     def _add_penalty_grads(self) -> None:
-        values = []
-        for group in self.param_groups:
-            coefs = self._coefficients(group)
-            if not coefs.is_zero():
-                values += self._run(add_penalty_grad_, group, coefs)
-        self._record(values)
+        self._record([run() for run in self._plan(with_grads=True, writes_params=False)])
 
     def _decay(self, before_inner_step: bool) -> None:
         """AdamW's multiplicative decay before the inner step, the proximal maps after it."""
-        values = []
-        for group in self.param_groups:
-            full = self._coefficients(group)
-            if full.is_zero():
-                continue
-            if before_inner_step:
-                if self.track_penalty:
-                    with torch.no_grad():
-                        values += self._run(penalty, group, full)
-                coefs = full.replace(l1=0.0, group_lasso=0.0)
-            else:
-                coefs = full.replace(l2=0.0)
-            if not coefs.is_zero():
-                self._run(decay_, group, coefs, group["lr"])
         if before_inner_step:
+            track = self._plan(with_grads=False, writes_params=False) if self.track_penalty else []
+            decay = self._plan(with_grads=False, writes_params=True, coefs_of=lambda c: c.replace(l1=0.0, group_lasso=0.0))
+            with torch.no_grad():
+                values = [run() for run in track]
             self._record(values)
+        else:
+            decay = self._plan(with_grads=False, writes_params=True, coefs_of=lambda c: c.replace(l2=0.0))
+        for run in decay:
+            run()
 
     def step(self, closure: Optional[Callable[[], Any]] = None):
         if self.mode == "coupled":
