@@ -31,7 +31,7 @@ from typing import List, NamedTuple, Optional, Sequence, Tuple
 import torch
 from torch import Tensor
 
-from . import _dispatch
+from . import _calls, _dispatch
 from .backends import Coefficients, accumulate_dtype
 
 try:
@@ -101,9 +101,7 @@ def _mask(sums: Tensor, owned: List[bool]) -> Tensor:
 
 
 def _local_norms(shards: _Shards, backend: Optional[str]) -> Tuple[Tensor, Tensor]:
-    from .functional import _norms_parts, _prepare
-
-    abs_sums, sq_sums = _norms_parts(_prepare(shards.locals, backend))
+    abs_sums, sq_sums = _calls.norms_parts(_calls.prepare(shards.locals, backend))
     return _mask(abs_sums, shards.owned), _mask(sq_sums, shards.owned)
 
 
@@ -128,19 +126,17 @@ def _value_and_norms(shards: _Shards, coefs: Coefficients, backend: Optional[str
     """``P`` of the whole tensors, the indices of :func:`_whole_tensor_groups` and those
     tensors' norms: one fused pass over the local shards (two with row groups beside
     whole-tensor groups) and one all-reduce."""
-    from .functional import _penalty, _prepare
-
     whole = _whole_tensor_groups(shards, coefs)
     if not whole:
         mine = [t for t, own in zip(shards.locals, shards.owned) if own]
-        local = _penalty(_prepare(mine, backend), coefs)
+        local = _calls.penalty(_calls.prepare(mine, backend), coefs)
         (value,) = _all_reduce(shards.mesh, [local.reshape(1)])
         return value.reshape(()).to(local.dtype), whole, None
     rows = [i for i in range(len(shards.tensors)) if i not in set(whole)]
     parts = list(_local_norms(shards, backend))
     if rows:
         mine = [shards.locals[i] for i in rows if shards.owned[i]]
-        parts.append(_penalty(_prepare(mine, backend), Coefficients(group_lasso=coefs.group_lasso, group_dim=0)).reshape(1))
+        parts.append(_calls.penalty(_calls.prepare(mine, backend), Coefficients(group_lasso=coefs.group_lasso, group_dim=0)).reshape(1))
     reduced = _all_reduce(shards.mesh, parts)
     abs_sums, sq_sums = reduced[0], reduced[1]
     norms = sq_sums[whole].sqrt()
@@ -169,14 +165,12 @@ def _group_lasso_gradient(locals_: List[Tensor], norms: Tensor, group_lasso: flo
 def _split_calls(shards: _Shards, whole: List[int], coefs: Coefficients, backend: Optional[str], **prepare):
     """(indices, prepared call, coefficients) for the tensors whose group lasso is local
     (all terms in the backend) and for the whole-tensor groups (group lasso left out)."""
-    from .functional import _prepare
-
     whole_set = set(whole)
     local = [i for i in range(len(shards.locals)) if i not in whole_set]
     out = []
     for indices, c in ((local, coefs), (whole, coefs.replace(group_lasso=0.0))):
         if indices and not c.is_zero():
-            out.append((indices, _prepare([shards.locals[i] for i in indices], backend, **prepare), c))
+            out.append((indices, _calls.prepare([shards.locals[i] for i in indices], backend, **prepare), c))
     return out
 
 
@@ -214,8 +208,6 @@ def penalty(tensors: Sequence[Tensor], coefs: Coefficients, backend: Optional[st
 
 
 def add_penalty_grad_(tensors: Sequence[Tensor], coefs: Coefficients, backend: Optional[str]) -> Tensor:
-    from .functional import _add_grad
-
     _dispatch.check_backend_name(backend)
     with_grad, grads, indices = _dispatch.grads_of(tensors)
     for t, g, i in zip(with_grad, grads, indices):
@@ -229,7 +221,7 @@ def add_penalty_grad_(tensors: Sequence[Tensor], coefs: Coefficients, backend: O
     with torch.no_grad():
         value, whole, norms = _value_and_norms(shards, coefs, backend)
         for chosen, call, c in _split_calls(shards, whole, coefs, backend):
-            _add_grad(call._replace(grads=[local_grads[i] for i in chosen]), c)
+            _calls.add_grad(call._replace(grads=[local_grads[i] for i in chosen]), c)
         if whole:
             extra = _group_lasso_gradient([shards.locals[i] for i in whole], norms, coefs.group_lasso)
             targets = [local_grads[i] for i in whole]
@@ -238,11 +230,9 @@ def add_penalty_grad_(tensors: Sequence[Tensor], coefs: Coefficients, backend: O
 
 
 def decay_(tensors: Sequence[Tensor], lr, coefs: Coefficients, backend: Optional[str]) -> None:
-    from .functional import _decay, _prepare
-
     _dispatch.check_backend_name(backend)
     shards = _shards(tensors, coefs.group_dim)
-    _prepare(shards.locals, backend, writes_params=True)
+    _calls.prepare(shards.locals, backend, writes_params=True)
     if coefs.is_zero():
         return
     whole = _whole_tensor_groups(shards, coefs)
@@ -250,7 +240,7 @@ def decay_(tensors: Sequence[Tensor], lr, coefs: Coefficients, backend: Optional
         # l2 decay and the L1 prox are elementwise and row groups are local; a whole-tensor
         # block shrink needs the norm after them, so it comes after one all-reduce
         for _, call, c in _split_calls(shards, whole, coefs, backend):
-            _decay(call, lr, c)
+            _calls.decay(call, lr, c)
         if not whole:
             return
         (sq_sums,) = _all_reduce(shards.mesh, [_local_norms(shards, backend)[1]])

@@ -11,14 +11,13 @@ group. The math is in :mod:`fastreg.backends.base`; in short::
 """
 from __future__ import annotations
 
-from typing import List, NamedTuple, Optional, Sequence, Tuple
+from typing import NamedTuple, Optional
 
 import torch
 from torch import Tensor
 
-from . import _dispatch, distributed
+from . import _calls, _dispatch, distributed
 from ._dispatch import TensorOrTensors
-from .backends import Backend, Coefficients
 
 
 class Norms(NamedTuple):
@@ -37,57 +36,6 @@ class Norms(NamedTuple):
     def l2(self) -> Tensor:
         """``sqrt(sum_t sum w_t^2)``: the global norm gradient clipping uses."""
         return self.l2_squared.sqrt()
-
-
-class _Call(NamedTuple):
-    tensors: List[Tensor]
-    grads: Optional[List[Tensor]]
-    plan: List[Tuple[Backend, List[int]]]  # (backend, indices) per (device, dtype) group
-
-
-def _prepare(tensors: List[Tensor], backend: Optional[str], with_grads: bool = False, writes_params: bool = False) -> _Call:
-    """Check every tensor (``tensors`` come from :func:`_dispatch.tensor_list`) and choose
-    every group's backend before any work runs, so a bad call (or a backend that refuses a
-    group) changes nothing. ``with_grads`` keeps the tensors that have a ``.grad`` (whose
-    grads are written: they must not overlap); ``writes_params``: the tensors themselves
-    are written and must not overlap."""
-    _dispatch.check_backend_name(backend)
-    grads = None
-    if with_grads:
-        tensors, grads, indices = _dispatch.grads_of(tensors)
-    _dispatch.single_device(tensors)
-    if with_grads:
-        _dispatch.check_no_overlap(grads, "params", ".grad", indices)
-    if writes_params:
-        _dispatch.check_no_overlap(tensors, "params")
-    plan = [(_dispatch.backend_for(backend, device, dtype), indices) for device, dtype, indices in _dispatch.split(tensors)]
-    return _Call(tensors, grads, plan)
-
-
-def _total(values: List[Tensor], tensors: List[Tensor]) -> Tensor:
-    device = tensors[0].device if tensors else torch.device("cpu")
-    return _dispatch.total(values, _dispatch.result_dtype(tensors), device)
-
-
-def _select(tensors: Sequence[Tensor], indices: List[int]) -> List[Tensor]:
-    return [tensors[i] for i in indices]
-
-
-class _PenaltyFunction(torch.autograd.Function):
-    """``P`` of one (device, dtype) group; the backward is one backend call for all its tensors."""
-
-    @staticmethod
-    def forward(ctx, backend: Backend, coefs: Coefficients, *params: Tensor) -> Tensor:
-        ctx.backend, ctx.coefs = backend, coefs
-        ctx.save_for_backward(*params)
-        return backend.value(list(params), coefs)
-
-    @staticmethod
-    def backward(ctx, grad_output: Tensor):
-        params = ctx.saved_tensors
-        grads = ctx.backend.penalty_backward(list(params), grad_output, ctx.coefs)
-        grads = [g if needed else None for g, needed in zip(grads, ctx.needs_input_grad[2:])]
-        return (None, None, *grads)
 
 
 def penalty(
@@ -116,27 +64,7 @@ def penalty(
     tensors = _dispatch.tensor_list(params)
     if distributed.any_dtensor(tensors):
         return distributed.penalty(tensors, coefs, backend)
-    call = _prepare(tensors, backend)
-    return _penalty(call, coefs)
-
-
-def _penalty(call: _Call, coefs: Coefficients) -> Tensor:
-    tensors, _, plan = call
-    return _total([_PenaltyFunction.apply(be, coefs, *_select(tensors, idx)) for be, idx in plan], tensors)
-
-
-def _norms_parts(call: _Call) -> Tuple[Tensor, Tensor]:
-    """Per-tensor ``sum|w|`` and ``sum w^2`` of a prepared call, in its tensors' order."""
-    tensors, _, plan = call
-    dtype = _dispatch.result_dtype(tensors)
-    per_group = [be.norms(_select(tensors, idx)) for be, idx in plan]
-    if len(per_group) == 1:
-        return tuple(x.to(dtype) for x in per_group[0])
-    abs_parts, sq_parts = [None] * len(tensors), [None] * len(tensors)
-    for (_, idx), (group_abs, group_sq) in zip(plan, per_group):
-        for i, a, s in zip(idx, group_abs.to(dtype).unbind(), group_sq.to(dtype).unbind()):
-            abs_parts[i], sq_parts[i] = a, s
-    return torch.stack(abs_parts), torch.stack(sq_parts)
+    return _calls.penalty(_calls.prepare(tensors, backend), coefs)
 
 
 def norms(params: TensorOrTensors, *, backend: Optional[str] = None) -> Norms:
@@ -147,13 +75,13 @@ def norms(params: TensorOrTensors, *, backend: Optional[str] = None) -> Norms:
     tensors = _dispatch.tensor_list(params)
     if distributed.any_dtensor(tensors):
         return Norms(*distributed.norms(tensors, backend))
-    call = _prepare(tensors, backend)
+    call = _calls.prepare(tensors, backend)
     dtype = _dispatch.result_dtype(tensors)
     if not tensors:
         zero, empty = torch.zeros((), dtype=dtype), torch.zeros(0, dtype=dtype)
         return Norms(zero, zero, empty, empty)
     with torch.no_grad():
-        abs_sums, sq_sums = _norms_parts(call)
+        abs_sums, sq_sums = _calls.norms_parts(call)
         return Norms(abs_sums.sum(), sq_sums.sum(), abs_sums, sq_sums.sqrt())
 
 
@@ -178,14 +106,7 @@ def add_penalty_grad_(
     tensors = _dispatch.tensor_list(params)
     if distributed.any_dtensor(tensors):
         return distributed.add_penalty_grad_(tensors, coefs, backend)
-    return _add_grad(_prepare(tensors, backend, with_grads=True), coefs)
-
-
-def _add_grad(call: _Call, coefs: Coefficients) -> Tensor:
-    tensors, grads, plan = call
-    with torch.no_grad():
-        values = [be.add_grad_(_select(tensors, idx), _select(grads, idx), coefs) for be, idx in plan]
-    return _total(values, tensors)
+    return _calls.add_grad(_calls.prepare(tensors, backend, with_grads=True), coefs)
 
 
 def decay_(
@@ -212,13 +133,4 @@ def decay_(
     tensors = _dispatch.tensor_list(params)
     if distributed.any_dtensor(tensors):
         return distributed.decay_(tensors, lr, coefs, backend)
-    _decay(_prepare(tensors, backend, writes_params=True), lr, coefs)
-
-
-def _decay(call: _Call, lr, coefs: Coefficients) -> None:
-    if coefs.is_zero():
-        return
-    tensors, _, plan = call
-    with torch.no_grad():
-        for be, idx in plan:
-            be.decay_(_select(tensors, idx), lr, coefs)
+    _calls.decay(_calls.prepare(tensors, backend, writes_params=True), lr, coefs)

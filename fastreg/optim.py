@@ -10,7 +10,7 @@ from torch import Tensor
 
 from . import _dispatch
 from .backends import Coefficients
-from . import distributed, functional
+from . import _calls, distributed
 
 MODES = ("coupled", "decoupled")
 COEFFICIENT_KEYS = ("l1", "l2", "group_lasso")
@@ -198,13 +198,13 @@ class Regularized(torch.optim.Optimizer):
                 lr = _dispatch.check_lr(group["lr"])
                 return lambda: distributed.decay_(tensors, lr, coefs, backend)
             return lambda: distributed.penalty(tensors, coefs, backend)
-        call = functional._prepare(_dispatch.tensor_list(tensors), backend, with_grads=with_grads, writes_params=writes_params)
+        call = _calls.prepare(_dispatch.tensor_list(tensors), backend, with_grads=with_grads, writes_params=writes_params)
         if with_grads:
-            return lambda: functional._add_grad(call, coefs)
+            return lambda: _calls.add_grad(call, coefs)
         if writes_params:
             lr = _dispatch.check_lr(group["lr"])
-            return lambda: functional._decay(call, lr, coefs)
-        return lambda: functional._penalty(call, coefs)
+            return lambda: _calls.decay(call, lr, coefs)
+        return lambda: _calls.penalty(call, coefs)
 
     def _record(self, values: List[Tensor]) -> None:
         self._log["last_penalty"] = _dispatch.total(values, _dispatch.result_dtype(values), values[0].device) if values else None

@@ -9,7 +9,7 @@ import math
 from pathlib import Path
 from typing import TYPE_CHECKING, List, Optional, Sequence
 
-from .studies import _import, layers_label
+from ._optional import optional_import
 
 if TYPE_CHECKING:
     from .studies import CompareResult, RunResult, SweepResult
@@ -19,7 +19,7 @@ UNREGULARIZED_HATCH = "//"
 
 
 def _figure(width: float, height: float):
-    figure_module = _import("matplotlib.figure", "plots")
+    figure_module = optional_import("matplotlib.figure", "plots")
     return figure_module.Figure(figsize=(width, height), dpi=DPI, layout="constrained")
 
 
@@ -29,7 +29,7 @@ def _save(fig, path: Path) -> Path:
 
 
 def _title(run: "RunResult") -> str:
-    return f"{run.setting.name}\n{run.setting.describe()}\nregularized: {layers_label(run)}"
+    return f"{run.setting.name}\n{run.setting.describe()}\nregularized: {run.layers_label}"
 
 
 def learning_curves(result: "CompareResult", path: Path) -> Path:
@@ -71,7 +71,7 @@ METRIC_COLUMNS = ("setting", "regularization", "layers", "test acc", "precision"
 def _metric_row(run: "RunResult") -> List[str]:
     t = run.test
     roc_auc = "-" if t.roc_auc is None else f"{t.roc_auc:.4f}"
-    return [run.setting.name, run.setting.describe(), layers_label(run), f"{t.accuracy:.3f}", f"{t.precision:.3f}", f"{t.recall:.3f}", f"{t.f1:.3f}", roc_auc, f"{run.zero_fraction:.1%}"]
+    return [run.setting.name, run.setting.describe(), run.layers_label, f"{t.accuracy:.3f}", f"{t.precision:.3f}", f"{t.recall:.3f}", f"{t.f1:.3f}", roc_auc, f"{run.zero_fraction:.1%}"]
 
 
 def metrics_table(result: "CompareResult", path: Path) -> Path:
@@ -101,8 +101,8 @@ def _grid(count: int, columns: int):
 
 def confusion_matrices(result: "CompareResult", path: Path) -> Path:
     """One test-set confusion matrix per setting (scikit-learn's ``ConfusionMatrixDisplay``)."""
-    np = _import("numpy", "plots")
-    metrics = _import("sklearn.metrics", "plots")
+    np = optional_import("numpy", "plots")
+    metrics = optional_import("sklearn.metrics", "plots")
     rows, columns = _grid(len(result.runs), 4)
     classes = result.data["classes"]
     size = 2.0 + 0.28 * len(classes)
@@ -127,7 +127,7 @@ def sparsity_per_layer(runs: Sequence["RunResult"], path: Path, title: str) -> P
     fig = _figure(min(16.0, max(7.0, 0.3 * len(names) * len(runs) + 2)), 4.2)
     ax = fig.add_subplot()
     width = 0.8 / len(runs)
-    cmap = _import("matplotlib", "plots").colormaps["tab10"]
+    cmap = optional_import("matplotlib", "plots").colormaps["tab10"]
     for i, run in enumerate(runs):
         positions = [j + (i - (len(runs) - 1) / 2) * width for j in range(len(names))]
         bars = ax.bar(positions, [layer.zero_fraction for layer in run.sparsity], width, label=run.setting.name, color=cmap(i % 10))
@@ -204,7 +204,7 @@ def sweep_figure(result: "SweepResult", path: Path) -> Path:
         color="tab:green",
     )
     fig.suptitle(
-        f"{result.kind} sweep on {result.data['name']}: regularized {layers_label(best)}; "
+        f"{result.kind} sweep on {result.data['name']}: regularized {best.layers_label}; "
         f"green line: best on validation data"
     )
     return _save(fig, path)

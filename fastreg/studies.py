@@ -47,7 +47,8 @@ from torch import Tensor, nn
 
 import fastreg
 
-INSTALL_HINT = 'pip install "fastreg[study]"'
+from ._optional import INSTALL_HINT, MissingDependency, optional_import
+
 MODES = ("coupled", "decoupled")
 OPTIMIZERS = ("adam", "sgd")
 SWEEP_KINDS = ("l1", "l2", "elasticnet", "group_lasso")
@@ -70,17 +71,6 @@ DEFAULT_GRIDS: Dict[Tuple[str, str], Tuple[float, float]] = {
 
 ModelFn = Callable[..., nn.Module]
 DataFn = Callable[[], Tuple[Any, Any]]
-
-
-class MissingDependency(ImportError):
-    """An optional package a study needs is not installed."""
-
-
-def _import(module: str, purpose: str):
-    try:
-        return importlib.import_module(module)
-    except ImportError as error:
-        raise MissingDependency(f"{purpose} needs {module.split('.')[0]}, which is not installed: {INSTALL_HINT}") from error
 
 
 def require(*, plots: bool = True, progress: bool = True) -> None:
@@ -286,7 +276,7 @@ def load_entry_point(spec: str, what: str = "entry point") -> Callable:
 
 
 def _builtin_dataset(name: str) -> Tuple[Any, Any]:
-    datasets = _import("sklearn.datasets", f"the {name} dataset")
+    datasets = optional_import("sklearn.datasets", f"the {name} dataset")
     return getattr(datasets, f"load_{name}")(return_X_y=True)
 
 
@@ -341,8 +331,8 @@ def split_data(
     ``max_train`` of the training samples (small training sets overfit: a study's
     under-/over-fitting curve needs one), and standardize every feature with the training
     mean and standard deviation."""
-    np = _import("numpy", "splitting data")
-    model_selection = _import("sklearn.model_selection", "splitting data")
+    np = optional_import("numpy", "splitting data")
+    model_selection = optional_import("sklearn.model_selection", "splitting data")
     val_fraction = _fraction("val_fraction", val_fraction)
     test_fraction = _fraction("test_fraction", test_fraction)
     if val_fraction + test_fraction >= 1:
@@ -616,6 +606,16 @@ class RunResult:
         return [layer.name for layer in self.sparsity if layer.regularized]
 
     @property
+    def layers_label(self) -> str:
+        """Which parameters the run regularized, short enough for a table or a plot title."""
+        layers = self.regularized_layers
+        if not layers:
+            return "-"
+        if len(layers) == len(self.sparsity):
+            return "all"
+        return ", ".join(layers)
+
+    @property
     def zero_fraction(self) -> float:
         """Exactly-zero weights among all parameters."""
         return _zero_fraction(self.sparsity)
@@ -677,7 +677,7 @@ def _loss_accuracy(logits: Tensor, y: Tensor) -> Tuple[float, float]:
 
 
 def _test_metrics(logits: Tensor, y: Tensor, n_classes: int) -> TestMetrics:
-    metrics = _import("sklearn.metrics", "test metrics")
+    metrics = optional_import("sklearn.metrics", "test metrics")
     loss, accuracy = _loss_accuracy(logits, y)
     proba = torch.softmax(logits.double(), dim=1).cpu().numpy()
     truth = y.cpu().numpy()
@@ -718,7 +718,7 @@ def sparsity(model: nn.Module, regularized: Dict[str, bool]) -> List[LayerSparsi
 def _progress(iterable: Iterable, enabled: bool, **options):
     if not enabled:
         return iterable
-    tqdm = _import("tqdm", "progress bars").tqdm
+    tqdm = optional_import("tqdm", "progress bars").tqdm
     return tqdm(iterable, file=sys.stderr, dynamic_ncols=True, **options)
 
 
@@ -980,16 +980,6 @@ def _fmt(value: Optional[float], spec: str = ".3f") -> str:
     return "-" if value is None else format(value, spec)
 
 
-def layers_label(run: RunResult) -> str:
-    """Which parameters a run regularized, short enough for a table or a plot title."""
-    layers = run.regularized_layers
-    if not layers:
-        return "-"
-    if len(layers) == len(run.sparsity):
-        return "all"
-    return ", ".join(layers)
-
-
 def summary_table(result: Union[CompareResult, SweepResult]) -> str:
     """The results as a table (tabulate), as the CLI prints them."""
     if isinstance(result, CompareResult):
@@ -997,7 +987,7 @@ def summary_table(result: Union[CompareResult, SweepResult]) -> str:
             [
                 run.setting.name,
                 run.setting.describe(),
-                layers_label(run),
+                run.layers_label,
                 _fmt(run.final.val_accuracy),
                 _fmt(run.test.accuracy),
                 _fmt(run.test.precision),
@@ -1038,7 +1028,7 @@ def best_summary(result: SweepResult) -> str:
     best = result.best
     text = (
         f"best {result.kind} ({result.mode}) = {result.best_strength:.3g} by {result.select.replace('_', ' ')}, "
-        f"on {layers_label(best)}: test accuracy {best.test.accuracy:.4f}, precision {best.test.precision:.4f}, "
+        f"on {best.layers_label}: test accuracy {best.test.accuracy:.4f}, precision {best.test.precision:.4f}, "
         f"recall {best.test.recall:.4f}, F1 {best.test.f1:.4f}, ROC-AUC {_fmt(best.test.roc_auc, '.4f')}"
     )
     if result.baseline is not None:
