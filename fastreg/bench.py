@@ -144,7 +144,9 @@ class CoupledGrad(Task):
 class Norms(Task):
     name = "norms"
     title = "per-tensor L1 and L2 norms"
-    floor = "floor: foreach max-abs"
+    # One read of every element in one multi-tensor op; on CPU, _foreach_norm(inf) is not
+    # vectorized (2.5 GB/s on GPT-2 small against 27 GB/s here), so it would be no floor.
+    floor = "floor: foreach max"
     naive = "naive loop"
     passes = 1  # read w
 
@@ -152,7 +154,7 @@ class Norms(Task):
         params = _detached(workload.params)
         label, compiled, reason = _compiled("naive loop", naive_norms, compile)
         return [
-            Case(self.floor, lambda: torch._foreach_norm(params, float("inf")), checked=False),
+            Case(self.floor, lambda: torch._foreach_max(params), checked=False),
             Case(self.naive, lambda: naive_norms(params)),
             Case("torch._foreach_*", lambda: foreach_norms(params)),
             Case(label, (lambda: compiled(params)) if compiled else None, reason),
