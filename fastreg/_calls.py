@@ -32,12 +32,13 @@ def prepare(tensors: List[Tensor], backend: Optional[str], with_grads: bool = Fa
     grads = None
     if with_grads:
         tensors, grads, indices = _dispatch.grads_of(tensors)
-    _dispatch.single_device(tensors)
+    groups = _dispatch.split(tensors)
+    _dispatch.single_device([device for device, _, _ in groups])
     if with_grads:
         _dispatch.check_no_overlap(grads, "params", ".grad", indices)
     if writes_params:
         _dispatch.check_no_overlap(tensors, "params")
-    plan = [(_dispatch.backend_for(backend, device, dtype), indices) for device, dtype, indices in _dispatch.split(tensors)]
+    plan = [(_dispatch.backend_for(backend, device, dtype), indices) for device, dtype, indices in groups]
     return Call(tensors, grads, plan)
 
 

@@ -68,9 +68,6 @@ def tensor_list(params: TensorOrTensors, name: str = "params") -> List[Tensor]:
         tensors = list(params)
     except TypeError:
         raise TypeError(f"{name} must be a tensor or an iterable of tensors, got {type(params).__name__}") from None
-    # Keyed by the tensors themselves, not id(t): torch.compile traces a dict of tensors
-    # without guarding on object identity, so new tensors of the same shapes reuse a graph.
-    seen = {}
     for i, t in enumerate(tensors):
         if not isinstance(t, Tensor):
             raise TypeError(f"{name}[{i}] is a {type(t).__name__}, not a torch.Tensor")
@@ -80,14 +77,21 @@ def tensor_list(params: TensorOrTensors, name: str = "params") -> List[Tensor]:
             raise TypeError(f"{name}[{i}] has dtype {t.dtype}; fastreg supports float16, bfloat16, float32 and float64")
         if t.device.type == "meta":
             raise ValueError(f"{name}[{i}] is on the meta device and holds no values")
-        if t in seen:
-            raise ValueError(f"{name}[{i}] is the same tensor as {name}[{seen[t]}]; pass each tensor once")
-        seen[t] = i
+    # A set of ids costs a fraction of a dict keyed by tensors (Tensor.__hash__ is Python
+    # code), but torch.compile guards a set of ids on object identity and would recompile
+    # for new tensors of the same shapes; traced, the dict is used.
+    if torch.compiler.is_compiling() or len(set(map(id, tensors))) != len(tensors):
+        seen = {}
+        for i, t in enumerate(tensors):
+            if t in seen:
+                raise ValueError(f"{name}[{i}] is the same tensor as {name}[{seen[t]}]; pass each tensor once")
+            seen[t] = i
     return tensors
 
 
-def single_device(tensors: Sequence[Tensor], name: str = "params") -> None:
-    devices = list(dict.fromkeys(t.device for t in tensors))
+def single_device(group_devices: Sequence[torch.device], name: str = "params") -> None:
+    """Refuse a call whose (device, dtype) groups, from :func:`split`, span several devices."""
+    devices = list(dict.fromkeys(group_devices))
     if len(devices) > 1:
         raise ValueError(
             f"{name} holds tensors on several devices ({', '.join(map(str, devices))}); call once per device, "
