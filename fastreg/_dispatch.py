@@ -75,7 +75,7 @@ def tensor_list(params: TensorOrTensors, name: str = "params") -> List[Tensor]:
             raise TypeError(f"{name}[{i}] has layout {t.layout}; fastreg works on dense (strided) tensors")
         if t.dtype not in SUPPORTED_DTYPES:
             raise TypeError(f"{name}[{i}] has dtype {t.dtype}; fastreg supports float16, bfloat16, float32 and float64")
-        if t.device.type == "meta":
+        if t.is_meta:
             raise ValueError(f"{name}[{i}] is on the meta device and holds no values")
     # A set of ids costs a fraction of a dict keyed by tensors (Tensor.__hash__ is Python
     # code), but torch.compile guards a set of ids on object identity and would recompile
@@ -103,40 +103,58 @@ def check_no_overlap(tensors: Sequence[Tensor], name: str = "params", suffix: st
     """Refuse tensors that share elements: an op writing them in place would give a result
     that depends on the order of its writes (and, in a parallel kernel, would race).
 
-    Tensors on one storage whose byte ranges are disjoint (slices of a flat buffer, as DDP's
-    ``gradient_as_bucket_view`` makes) pass at the cost of a few integer comparisons; only
-    when ranges intersect (interleaved views such as ``w[:, ::2]`` and ``w[:, 1::2]``) are
-    the elements themselves compared. Under ``torch.compile`` the check is skipped: data
-    pointers are not traceable, and the compiler guards a graph's inputs for aliasing itself.
+    Tensors whose address ranges are disjoint (separate tensors, or slices of a flat buffer
+    as DDP's ``gradient_as_bucket_view`` makes) pass at the cost of a sort of integers; only
+    tensors whose ranges intersect (interleaved views such as ``w[:, ::2]`` and ``w[:, 1::2]``)
+    have their elements compared. Ranges are addresses, not storage offsets, so memory shared
+    by two storages (``torch.from_numpy`` of one array twice) is caught too. Under
+    ``torch.compile`` the check is skipped: data pointers are not traceable, and the compiler
+    guards a graph's inputs for aliasing itself.
     """
     if torch.compiler.is_compiling():
         return
     indices = range(len(tensors)) if indices is None else indices
-    by_storage = {}
-    for i, t in zip(indices, tensors):
-        if t.numel():
-            by_storage.setdefault(t.untyped_storage().data_ptr(), []).append((i, t))
-    for shared in by_storage.values():
-        if len(shared) < 2:
-            continue
-        spans = sorted((_byte_span(t) + (i,) for i, t in shared))
-        end = spans[0][1]
-        for start, stop, _ in spans[1:]:
-            if start < end:
-                _check_shared_elements(shared, name, suffix)
-                break
-            end = max(end, stop)
+    # Plain int lists rather than a tuple per tensor: with thousands of tensors, the garbage
+    # collector's passes over per-tensor containers cost more than the check itself.
+    positions, starts, stops = [], [], []
+    for position, t in enumerate(tensors):
+        numel = t.numel()
+        if numel:
+            start, stop = _byte_span(t, numel)
+            positions.append(position)
+            starts.append(start)
+            stops.append(stop)
+    order = sorted(range(len(starts)), key=starts.__getitem__)
+    first, end = 0, -1  # the run of ranges in order[first:] that reach one another
+    for n, k in enumerate(order):
+        if starts[k] >= end:  # nothing before reaches this range: the run before it is settled
+            if n - first > 1:
+                _check_run(order[first:n], positions, tensors, indices, name, suffix)
+            first = n
+        if stops[k] > end:
+            end = stops[k]
+    if len(order) - first > 1:
+        _check_run(order[first:], positions, tensors, indices, name, suffix)
 
 
-def _byte_span(t: Tensor) -> Tuple[int, int]:
-    start = t.storage_offset() * t.element_size()
-    extent = 1 + sum((size - 1) * abs(stride) for size, stride in zip(t.shape, t.stride()))
+def _check_run(run: List[int], positions: List[int], tensors: Sequence[Tensor], indices: Sequence[int], name: str, suffix: str) -> None:
+    _check_shared_elements([(indices[positions[k]], tensors[positions[k]]) for k in run], name, suffix)
+
+
+def _byte_span(t: Tensor, numel: int) -> Tuple[int, int]:
+    """The addresses ``[start, stop)`` of the bytes ``t`` (of ``numel`` > 0 elements) can touch."""
+    start = t.data_ptr()
+    if t.is_contiguous():
+        extent = numel
+    else:
+        extent = 1 + sum((size - 1) * abs(stride) for size, stride in zip(t.shape, t.stride()))
     return start, start + extent * t.element_size()
 
 
 def _check_shared_elements(shared: Sequence[Tuple[int, Tensor]], name: str, suffix: str) -> None:
-    """Raise naming the first two of ``shared`` (index, tensor on one storage) that have an
-    element in common; views of another element size or alignment count as sharing."""
+    """Raise naming the first two of ``shared`` (index, tensor; their address ranges
+    intersect) that have an element in common; views of another element size or alignment
+    count as sharing."""
     def refuse(first: int, second: int):
         first, second = sorted((first, second))
         raise ValueError(
@@ -148,7 +166,7 @@ def _check_shared_elements(shared: Sequence[Tuple[int, Tensor]], name: str, suff
     for (i, a), (j, b) in zip(shared, shared[1:]):
         if b.element_size() != element_size:
             refuse(i, j)
-    spans = [_byte_span(t) for _, t in shared]
+    spans = [_byte_span(t, t.numel()) for _, t in shared]
     base = min(start for start, _ in spans)
     if any((start - base) % element_size for start, _ in spans):
         refuse(shared[0][0], shared[1][0])

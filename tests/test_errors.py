@@ -4,6 +4,7 @@ Every case runs on every backend usable here (the ``backend`` fixture), as each 
 refuse the same inputs before it writes anything."""
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 from torch._subclasses.fake_tensor import FakeTensorMode
@@ -194,6 +195,21 @@ def test_decay_refuses_overlapping_views_before_any_write(backend, views):
     with pytest.raises(ValueError, match=r"params\[\d\] shares memory with params\[\d\]; tensors written in place must not overlap"):
         fastreg.decay_([untouched] + views(flat), 0.1, l1=0.1, l2=0.1, backend=backend)
     assert torch.equal(flat, before[0]) and torch.equal(untouched, before[1])
+
+
+def test_decay_refuses_memory_shared_by_two_storages(backend):
+    """Two tensors over one numpy array have storages of their own but the same memory:
+    overlap is found by address, not by storage."""
+    array = np.arange(12, dtype=np.float32)
+    views = [torch.from_numpy(array[:8]), torch.from_numpy(array[6:])]
+    assert views[0].untyped_storage().data_ptr() != views[1].untyped_storage().data_ptr()
+    before = array.copy()
+    with pytest.raises(ValueError, match=r"params\[1\] shares memory with params\[0\]"):
+        fastreg.decay_(views, 0.1, l1=0.1, backend=backend)
+    np.testing.assert_array_equal(array, before)
+    disjoint = [torch.from_numpy(array[:6]), torch.from_numpy(array[6:])]
+    fastreg.decay_(disjoint, 0.5, l2=1.0, backend=backend)
+    np.testing.assert_allclose(array, before * 0.5)
 
 
 def test_add_penalty_grad_refuses_shared_grads_before_any_write(backend):
