@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import warnings
 from collections import OrderedDict
-from typing import Any, Callable, Dict, List, Optional
+from typing import Any, Callable, Dict, List, NamedTuple, Optional, Tuple
 
 import torch
 from torch import Tensor
@@ -15,6 +15,26 @@ from . import _calls, distributed
 MODES = ("coupled", "decoupled")
 COEFFICIENT_KEYS = ("l1", "l2", "group_lasso")
 STATE_KEY = "fastreg"
+
+
+class _Part(NamedTuple):
+    """The tensors of one param group on one device (or mesh), prepared for a step."""
+
+    tensors: List[Tensor]
+    call: Optional[_calls.Call]  # None for sharded (DTensor) tensors
+    coefs: Coefficients
+    lr: Any  # the group's checked lr, for the ops that write the weights
+
+
+def _places(tensors: List[Tensor]) -> List[Tuple[List[Tensor], bool]]:
+    """``tensors`` split by device, and sharded (DTensor) ones by device mesh, as
+    ``(tensors, sharded)`` pairs in order of first appearance."""
+    sharded = distributed.any_dtensor(tensors)
+    by_place: Dict[Any, List[Tensor]] = {}
+    for t in tensors:
+        key = t.device_mesh if sharded and isinstance(t, distributed.DTensor) else t.device
+        by_place.setdefault(key, []).append(t)
+    return [(place, sharded and isinstance(place[0], distributed.DTensor)) for place in by_place.values()]
 
 
 class Regularized(torch.optim.Optimizer):
@@ -167,63 +187,67 @@ class Regularized(torch.optim.Optimizer):
     def _coefficients(self, group: Dict[str, Any]) -> Coefficients:
         return _dispatch.make_coefficients(group_dim=self.group_dim, **{key: group[key] for key in COEFFICIENT_KEYS})
 
-    def _plan(self, with_grads: bool, writes_params: bool, coefs_of: Callable[[Coefficients], Coefficients] = lambda c: c) -> List[Callable[[], Optional[Tensor]]]:
+    def _prepare(self, with_grads: bool, writes_params: bool) -> List[_Part]:
         """Check every param group and prepare its calls before any runs, so that a bad
-        tensor in a later group raises before an earlier group is touched; returns the calls.
+        tensor in a later group raises before an earlier group is touched.
 
         Like torch's optimizers, only params that have a gradient are regularized (frozen
         or unused params are neither updated nor decayed). Params are split by device (a
         model may span devices) and by device mesh for sharded (DTensor) params.
         """
-        work = []
+        parts = []
         for index, group in enumerate(self.param_groups):
-            coefs = coefs_of(self._coefficients(group))
+            coefs = self._coefficients(group)
             if coefs.is_zero():
                 continue
-            parts: Dict[Any, List[Tensor]] = {}
-            for t in group["params"]:
-                if t.grad is not None:
-                    key = (t.device, t.device_mesh if distributed.any_dtensor([t]) else None)
-                    parts.setdefault(key, []).append(t)
-            for (_, mesh), tensors in parts.items():
-                work.append(self._call(tensors, mesh is not None, coefs, group, with_grads, writes_params))
-        return work
+            lr = _dispatch.check_lr(group["lr"]) if writes_params else None
+            for tensors, sharded in _places([t for t in group["params"] if t.grad is not None]):
+                # The distributed path validates as it runs, before any write.
+                call = None if sharded else _calls.prepare(
+                    _dispatch.tensor_list(tensors), self.backend, with_grads=with_grads, writes_params=writes_params
+                )
+                parts.append(_Part(tensors, call, coefs, lr))
+        return parts
 
-    def _call(self, tensors: List[Tensor], sharded: bool, coefs: Coefficients, group: Dict[str, Any], with_grads: bool, writes_params: bool):
-        backend = self.backend
-        if sharded:  # the distributed path validates as it runs, before any write
-            if with_grads:
-                return lambda: distributed.add_penalty_grad_(tensors, coefs, backend)
-            if writes_params:
-                lr = _dispatch.check_lr(group["lr"])
-                return lambda: distributed.decay_(tensors, lr, coefs, backend)
-            return lambda: distributed.penalty(tensors, coefs, backend)
-        call = _calls.prepare(_dispatch.tensor_list(tensors), backend, with_grads=with_grads, writes_params=writes_params)
-        if with_grads:
-            return lambda: _calls.add_grad(call, coefs)
-        if writes_params:
-            lr = _dispatch.check_lr(group["lr"])
-            return lambda: _calls.decay(call, lr, coefs)
-        return lambda: _calls.penalty(call, coefs)
+    def _penalty(self, part: _Part) -> Tensor:
+        if part.call is None:
+            return distributed.penalty(part.tensors, part.coefs, self.backend)
+        return _calls.penalty(part.call, part.coefs)
+
+    def _add_grad(self, part: _Part) -> Tensor:
+        if part.call is None:
+            return distributed.add_penalty_grad_(part.tensors, part.coefs, self.backend)
+        return _calls.add_grad(part.call, part.coefs)
+
+    def _decay_part(self, part: _Part, coefs: Coefficients) -> None:
+        if coefs.is_zero():
+            return
+        if part.call is None:
+            distributed.decay_(part.tensors, part.lr, coefs, self.backend)
+        else:
+            _calls.decay(part.call, part.lr, coefs)
 
     def _record(self, values: List[Tensor]) -> None:
         self._log["last_penalty"] = _dispatch.total(values, _dispatch.result_dtype(values), values[0].device) if values else None
 
     def _add_penalty_grads(self) -> None:
-        self._record([run() for run in self._plan(with_grads=True, writes_params=False)])
+        self._record([self._add_grad(part) for part in self._prepare(with_grads=True, writes_params=False)])
 
-    def _decay(self, before_inner_step: bool) -> None:
-        """AdamW's multiplicative decay before the inner step, the proximal maps after it."""
-        if before_inner_step:
-            track = self._plan(with_grads=False, writes_params=False) if self.track_penalty else []
-            decay = self._plan(with_grads=False, writes_params=True, coefs_of=lambda c: c.replace(l1=0.0, group_lasso=0.0))
+    def _decay_before(self) -> List[_Part]:
+        """AdamW's multiplicative decay, before the inner step; returns the prepared calls,
+        which :meth:`_prox_after` reuses (the inner step changes values, not tensors)."""
+        parts = self._prepare(with_grads=False, writes_params=True)
+        if self.track_penalty:
             with torch.no_grad():
-                values = [run() for run in track]
-            self._record(values)
-        else:
-            decay = self._plan(with_grads=False, writes_params=True, coefs_of=lambda c: c.replace(l2=0.0))
-        for run in decay:
-            run()
+                self._record([self._penalty(part) for part in parts])
+        for part in parts:
+            self._decay_part(part, part.coefs.replace(l1=0.0, group_lasso=0.0))
+        return parts
+
+    def _prox_after(self, parts: List[_Part]) -> None:
+        """The proximal maps of the L1 and group-lasso terms, after the inner step."""
+        for part in parts:
+            self._decay_part(part, part.coefs.replace(l2=0.0))
 
     def step(self, closure: Optional[Callable[[], Any]] = None):
         if self.mode == "coupled":
@@ -232,11 +256,14 @@ class Regularized(torch.optim.Optimizer):
                 return self.optimizer.step()
             return self.optimizer.step(self._coupled_closure(closure))
         if closure is None:
-            self._decay(before_inner_step=True)
+            parts = self._decay_before()
             loss = self.optimizer.step()
         else:
-            loss = self.optimizer.step(self._decoupled_closure(closure))
-        self._decay(before_inner_step=False)
+            prepared: List[List[_Part]] = []
+            loss = self.optimizer.step(self._decoupled_closure(closure, prepared))
+            # A closure that was never evaluated leaves nothing decayed; prepare now.
+            parts = prepared[0] if prepared else self._prepare(with_grads=False, writes_params=True)
+        self._prox_after(parts)
         return loss
 
     def _coupled_closure(self, closure: Callable[[], Any]) -> Callable[[], Any]:
@@ -251,15 +278,13 @@ class Regularized(torch.optim.Optimizer):
 
         return regularized_closure
 
-    def _decoupled_closure(self, closure: Callable[[], Any]) -> Callable[[], Any]:
-        decayed = False
-
+    def _decoupled_closure(self, closure: Callable[[], Any], prepared: List[List[_Part]]) -> Callable[[], Any]:
+        """Decays once, after the first evaluation (which makes the grads), and leaves the
+        prepared calls in ``prepared`` for the proximal maps after the inner step."""
         def regularized_closure():
-            nonlocal decayed
             loss = closure()
-            if not decayed:
-                decayed = True
-                self._decay(before_inner_step=True)
+            if not prepared:
+                prepared.append(self._decay_before())
             return loss
 
         return regularized_closure
