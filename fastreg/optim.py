@@ -23,7 +23,7 @@ class _Part(NamedTuple):
     tensors: List[Tensor]
     call: Optional[_calls.Call]  # None for sharded (DTensor) tensors
     coefs: Coefficients
-    lr: Any  # the group's checked lr, for the ops that write the weights
+    group: Dict[str, Any]  # its param group, whose current "lr" the decay reads
 
 
 def _places(tensors: List[Tensor]) -> List[Tuple[List[Tensor], bool]]:
@@ -196,17 +196,16 @@ class Regularized(torch.optim.Optimizer):
         model may span devices) and by device mesh for sharded (DTensor) params.
         """
         parts = []
-        for index, group in enumerate(self.param_groups):
+        for group in self.param_groups:
             coefs = self._coefficients(group)
             if coefs.is_zero():
                 continue
-            lr = _dispatch.check_lr(group["lr"]) if writes_params else None
             for tensors, sharded in _places([t for t in group["params"] if t.grad is not None]):
                 # The distributed path validates as it runs, before any write.
                 call = None if sharded else _calls.prepare(
                     _dispatch.tensor_list(tensors), self.backend, with_grads=with_grads, writes_params=writes_params
                 )
-                parts.append(_Part(tensors, call, coefs, lr))
+                parts.append(_Part(tensors, call, coefs, group))
         return parts
 
     def _penalty(self, part: _Part) -> Tensor:
@@ -219,13 +218,17 @@ class Regularized(torch.optim.Optimizer):
             return distributed.add_penalty_grad_(part.tensors, part.coefs, self.backend)
         return _calls.add_grad(part.call, part.coefs)
 
-    def _decay_part(self, part: _Part, coefs: Coefficients) -> None:
-        if coefs.is_zero():
-            return
-        if part.call is None:
-            distributed.decay_(part.tensors, part.lr, coefs, self.backend)
-        else:
-            _calls.decay(part.call, part.lr, coefs)
+    def _decay_parts(self, parts: List[_Part], coefs_of: Callable[[Coefficients], Coefficients]) -> None:
+        """Decay every part with its group's current lr, all checked before the first write."""
+        lrs = [_dispatch.check_lr(part.group["lr"]) for part in parts]
+        for part, lr in zip(parts, lrs):
+            coefs = coefs_of(part.coefs)
+            if coefs.is_zero():
+                continue
+            if part.call is None:
+                distributed.decay_(part.tensors, lr, coefs, self.backend)
+            else:
+                _calls.decay(part.call, lr, coefs)
 
     def _record(self, values: List[Tensor]) -> None:
         self._log["last_penalty"] = _dispatch.total(values, _dispatch.result_dtype(values), values[0].device) if values else None
@@ -240,14 +243,12 @@ class Regularized(torch.optim.Optimizer):
         if self.track_penalty:
             with torch.no_grad():
                 self._record([self._penalty(part) for part in parts])
-        for part in parts:
-            self._decay_part(part, part.coefs.replace(l1=0.0, group_lasso=0.0))
+        self._decay_parts(parts, lambda coefs: coefs.replace(l1=0.0, group_lasso=0.0))
         return parts
 
     def _prox_after(self, parts: List[_Part]) -> None:
         """The proximal maps of the L1 and group-lasso terms, after the inner step."""
-        for part in parts:
-            self._decay_part(part, part.coefs.replace(l2=0.0))
+        self._decay_parts(parts, lambda coefs: coefs.replace(l2=0.0))
 
     def step(self, closure: Optional[Callable[[], Any]] = None):
         if self.mode == "coupled":

@@ -455,6 +455,29 @@ def test_constructor_errors():
         Regularized(inner)
 
 
+@pytest.mark.parametrize("mode", ["coupled", "decoupled"])
+def test_a_bad_later_group_fails_the_step_before_any_write(mode):
+    """Every group is checked before the first is touched: weights and grads stay as they were."""
+    model = make_model()
+    opt = Regularized(torch.optim.SGD([
+        {"params": model[0].parameters()},
+        {"params": model[2].parameters()},
+    ], lr=0.1), l1=0.1, l2=0.1, mode=mode)
+    x, y = make_data()
+    torch.nn.functional.mse_loss(model(x), y).backward()
+    if mode == "coupled":
+        model[2].bias.grad = model[2].weight.grad.view(-1)[:3]  # one buffer behind two grads
+        error = r"params\[1\].grad shares memory with params\[0\].grad"
+    else:
+        opt.param_groups[1]["lr"] = -1.0
+        error = "lr must be non-negative"
+    before, grads = weights(model), [p.grad.clone() for p in model.parameters()]
+    with pytest.raises(ValueError, match=error):
+        opt.step()
+    assert_same(weights(model), before)
+    assert_same([p.grad for p in model.parameters()], grads)
+
+
 @pytest.mark.parametrize("make_inner", [
     lambda p: torch.optim.SGD(p, lr=0.05, momentum=0.9),
     lambda p: torch.optim.Adam(p, lr=1e-2),
