@@ -69,7 +69,9 @@ class _Extension:
     def _cflags(self) -> List[str]:
         import torch
 
-        flags = ["-O3", "-std=c++17", "-ffp-contract=off"]
+        # No -std: cpp_extension passes the standard torch's own headers need (C++20 today),
+        # and a second -std after it would override it (torch 2.14's headers fail in C++17).
+        flags = ["-O3", "-ffp-contract=off"]
         if sys.platform.startswith("linux"):
             # at::parallel_for is header code over OpenMP in torch's Linux builds; libgomp then
             # resolves to the copy torch already loaded (same soname), so set_num_threads applies.
@@ -259,7 +261,7 @@ class _CudaExtension(_Extension):
         self._skip: Optional[Tuple[Optional[str]]] = None  # computed once: it asks PATH and the driver
 
     def _cflags(self) -> List[str]:
-        return ["-O3", "-std=c++17"]
+        return ["-O3"]
 
     def _ldflags(self) -> List[str]:
         return []
@@ -316,13 +318,23 @@ def cuda_flags(archs: List[int]) -> List[str]:
     ``--fmad=false``: nvcc would otherwise contract ``a * b + c`` into an FMA wherever it can,
     and the kernels decide which products are fused, as the CPU kernels do. Kernel parameters
     over 4 KB need compute capability 7.0+, so a build that also targets older GPUs uses 4 KB
-    tables (more launches for long tensor lists). Warning 3306 is torch's headers using a C++20
-    feature that nvcc accepts in C++17 mode.
+    tables (more launches for long tensor lists). No ``-std``: cpp_extension adds torch's own
+    when none is given.
     """
-    flags = ["-O3", "-std=c++17", "--fmad=false", "--diag-suppress=3306"]
+    flags = ["-O3", "--fmad=false"]
     if archs and min(archs) < 70:
         flags.append("-DFASTREG_KERNEL_PARAM_BYTES=4096")
     return flags
+
+
+def compiled_std_flags(extension: "_Extension") -> List[str]:
+    """The ``-std=`` flags ``extension``'s C++ sources were compiled with, read from the ninja
+    file cpp_extension wrote for its build (empty when it has not been built)."""
+    ninja = extension.build_directory() / "build.ninja"
+    if not ninja.is_file():
+        return []
+    cflags = next((line for line in ninja.read_text().splitlines() if line.startswith("cflags =")), "")
+    return re.findall(r"-std=\S+", cflags)
 
 
 CPU = _Extension("fastreg_cpu", sources=["ops.cpp", "fastreg_cpu.cpp"], headers=["fastreg.h"])

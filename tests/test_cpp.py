@@ -283,6 +283,15 @@ def test_build_all_reports_built():
     assert set(results) == set(_build.EXTENSIONS) and not _build.failures(results)
 
 
+def test_cxx_standard_comes_from_torch():
+    """cpp_extension passes the standard torch's headers need; a second ``-std`` of fastreg's
+    own would override it (torch 2.14's headers do not compile as C++17)."""
+    assert _build.cpu_unavailable_reason() is None
+    assert len(_build.compiled_std_flags(_build.CPU)) == 1
+    for flags in (_build.CPU._cflags(), _build.CUDA._cflags(), _build.cuda_flags([80, 90])):
+        assert not [flag for flag in flags if flag.startswith(("-std", "--std"))], flags
+
+
 def test_name_hashes_sources(tmp_path):
     for name in ("a.cpp", "h.h"):
         (tmp_path / name).write_text("int x = 1;\n")

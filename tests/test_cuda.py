@@ -62,6 +62,7 @@ def _nvcc_command(source, obj, include_dir):
     return [
         _build.find_nvcc(), "-c", str(source), "-o", str(obj),
         *_build.cuda_flags([80, 90]),
+        *_build.compiled_std_flags(_build.CPU),
         *cpp_extension.COMMON_NVCC_FLAGS,
         f"-D_GLIBCXX_USE_CXX11_ABI={abi}", "-DTORCH_API_INCLUDE_EXTENSION_H", "-DTORCH_EXTENSION_NAME=fastreg_cuda_ci",
         *includes,
@@ -76,6 +77,8 @@ def _nvcc_command(source, obj, include_dir):
 @pytest.mark.skipif(_build.find_nvcc() is None, reason="no nvcc found (set CUDA_HOME or put nvcc on PATH)")
 @pytest.mark.parametrize("source", sorted(CSRC.glob("*.cu")), ids=lambda p: p.name)
 def test_nvcc_compiles_for_sm80_and_sm90(source, tmp_path):
+    # The standard torch's headers need, as cpp_extension gives it to the CPU build.
+    assert _build.cpu_unavailable_reason() is None
     # CPU wheels of torch ship c10/cuda's headers but not this CMake-generated one; with no
     # settings in it, an empty header is what a CUDA build of torch generates for this purpose.
     macros = tmp_path / "include" / "c10" / "cuda" / "impl" / "cuda_cmake_macros.h"
