@@ -5,6 +5,17 @@
 
 See ``fastreg.functional`` for the math and ``fastreg.Regularized`` for the optimizer wrapper.
 """
+import sys
+import warnings
+
+if "torch" not in sys.modules:
+    # torch warns at import when NumPy is missing ("Failed to initialize NumPy"), though
+    # nothing in fastreg uses NumPy; where fastreg is the first to import torch, that warning
+    # is noise in every command's output.
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="Failed to initialize NumPy", category=UserWarning)
+        import torch  # noqa: F401
+
 from .backends import BACKEND_CHOICES
 from .functional import Norms, add_penalty_grad_, decay_, norms, penalty
 from .groups import param_groups

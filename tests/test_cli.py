@@ -96,3 +96,12 @@ def test_bench_with_torch_compile_peer(tmp_path):
     compiled = {r["name"]: r for r in run["results"]}["torch.compile(no-grad loop)"]
     assert compiled["median_ms"] is not None, compiled["note"]
     assert compiled["tensor_error"] < 1e-5
+
+
+@pytest.mark.parametrize("first", ["fastreg", "torch"])
+def test_no_numpy_warning_when_fastreg_imports_torch(first):
+    """In a fresh venv without NumPy, torch warns at import; fastreg keeps that out of its own
+    commands' output. Importing torch first shows the warning, so the check can fail."""
+    code = f"import sys; sys.modules['numpy'] = None; import {first}; import fastreg"
+    stderr = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stderr
+    assert ("Failed to initialize NumPy" in stderr) == (first == "torch"), stderr
