@@ -1,8 +1,11 @@
-// Shared by every fastreg C++ backend: coefficients, the work list over all tensors of a call,
-// and the input checks that open each launcher. Device code lives in the backend's own file.
+// Shared by every fastreg C++ backend: coefficients, the input checks that open each launcher
+// and contiguous stand-ins for the tensors; the work layout itself is plan.h. Device code lives
+// in the backend's own file.
 #pragma once
 
 #include <ATen/ATen.h>
+
+#include "plan.h"
 
 #include <cstdint>
 #include <optional>
@@ -10,11 +13,8 @@
 
 namespace fastreg {
 
-// Elements per work item. The item layout depends only on the tensor shapes, never on the
-// thread count, so per-item partial sums, and every result built from them in item order, are
-// bit-identical for any number of threads. 64K is apex's multi-tensor chunk: large enough that
-// per-item overhead vanishes, small enough to balance two threads over a few hundred tensors.
-constexpr int64_t kChunk = int64_t{1} << 16;
+// Elements per work item of the CUDA kernels' own layout.
+constexpr int64_t kChunk = plan::kDefaultChunk;
 
 struct Coefs {
   double l1;
@@ -31,71 +31,6 @@ inline Coefs make_coefs(double l1, double l2, double group_lasso, std::optional<
   TORCH_CHECK(!group_dim.has_value() || *group_dim == 0,
               "fastreg: group_dim must be None (one group per tensor) or 0 (slices along dim 0), got ", *group_dim);
   return Coefs{l1, l2, group_lasso, group_dim.has_value()};
-}
-
-// Elements [begin, end) of tensor `tensor` (flat, contiguous indexing). A group longer than a
-// chunk is cut into several items (`split`); otherwise an item holds the whole groups
-// [group_begin, group_end), so a group's sum never has to be combined across threads.
-struct WorkItem {
-  int64_t tensor;
-  int64_t begin;
-  int64_t end;
-  int64_t group_begin;
-  int64_t group_end;
-  bool split;
-};
-
-struct TensorLayout {
-  int64_t group_len;     // elements per group
-  int64_t num_groups;
-  int64_t group_offset;  // index of this tensor's first group among all groups of the call
-  int64_t item_begin;
-  int64_t item_end;
-};
-
-struct WorkList {
-  std::vector<WorkItem> items;
-  std::vector<TensorLayout> tensors;
-  int64_t num_groups = 0;
-  int64_t numel = 0;
-};
-
-inline WorkList make_work_list(const std::vector<at::Tensor>& tensors, bool row_groups) {
-  WorkList list;
-  list.tensors.reserve(tensors.size());
-  for (size_t t = 0; t < tensors.size(); ++t) {
-    const at::Tensor& w = tensors[t];
-    const int64_t numel = w.numel();
-    TensorLayout layout{};
-    if (row_groups && w.dim() >= 2) {
-      layout.num_groups = w.size(0);
-      layout.group_len = layout.num_groups == 0 ? 0 : numel / layout.num_groups;
-    } else {
-      layout.num_groups = 1;
-      layout.group_len = numel;
-    }
-    layout.group_offset = list.num_groups;
-    layout.item_begin = static_cast<int64_t>(list.items.size());
-    const int64_t len = layout.group_len;
-    if (len >= kChunk) {
-      for (int64_t g = 0; g < layout.num_groups; ++g) {
-        for (int64_t begin = g * len; begin < (g + 1) * len; begin += kChunk) {
-          list.items.push_back({static_cast<int64_t>(t), begin, std::min(begin + kChunk, (g + 1) * len), g, g + 1, true});
-        }
-      }
-    } else if (len > 0) {
-      const int64_t per_item = kChunk / len;
-      for (int64_t g = 0; g < layout.num_groups; g += per_item) {
-        const int64_t g_end = std::min(g + per_item, layout.num_groups);
-        list.items.push_back({static_cast<int64_t>(t), g * len, g_end * len, g, g_end, false});
-      }
-    }
-    layout.item_end = static_cast<int64_t>(list.items.size());
-    list.num_groups += layout.num_groups;
-    list.numel += numel;
-    list.tensors.push_back(layout);
-  }
-  return list;
 }
 
 // Launcher preamble: one device and one floating dtype for the whole list.
@@ -166,5 +101,15 @@ struct Contiguous {
     return out;
   }
 };
+
+// The CPU kernels over a work-layout table (plan.h) whose pointer rows address contiguous
+// tensors of `dtype`: the planned path of fastreg/_plan.py calls them through the planner module.
+namespace cpu {
+std::tuple<at::Tensor, at::Tensor> planned_norms(const at::Tensor& table, at::ScalarType dtype);
+at::Tensor planned_value(const at::Tensor& table, at::ScalarType dtype, double l1, double l2, double group_lasso);
+at::Tensor planned_add_grad(const at::Tensor& table, at::ScalarType dtype, double l1, double l2, double group_lasso);
+void planned_decay(const at::Tensor& table, at::ScalarType dtype, double lr, const std::optional<at::Tensor>& lr_tensor,
+                   double l1, double l2, double group_lasso);
+}  // namespace cpu
 
 }  // namespace fastreg

@@ -1,12 +1,12 @@
 // CPU kernels for the fastreg ops (schemas in ops.cpp).
 //
-// Every op walks one work list of (tensor, chunk) items over all tensors of the call (see
-// fastreg.h), spread over threads with at::parallel_for and vectorized with at::vec. Each item
-// writes its own partial sums; they are combined afterwards, serially and in item order, so a
-// result depends only on the shapes, never on the thread count. Sums accumulate in
+// Every op walks the work layout of plan.h over all tensors of the call, its items spread over
+// threads with at::parallel_for and vectorized with at::vec. Each item writes its own partial
+// sums; they are combined afterwards, serially and in item and group order, so a result depends
+// only on the shapes, never on the thread count. Sums accumulate in
 // at::opmath_type (fp32 for fp16/bf16/fp32, fp64 for fp64).
 //
-// The elementwise math follows the torch backend (fastreg/backends/torch_backend.py) operation
+// The elementwise math follows the reference backend (fastreg/backends/reference.py) operation
 // for operation, including which products are fused (its `add(..., alpha=)` is an FMA), so the
 // two backends agree to the last bit or two.
 #include "fastreg.h"
@@ -330,26 +330,31 @@ void decay_range(
   }
 }
 
-// Runs process(i) for every item, each on exactly one thread. Threads get contiguous runs of
-// items of about equal element count (plus a fixed cost per item, for lists of tiny tensors).
+using plan::View;
+
+// Runs process(i) for every item of `layout`, each on exactly one thread. Threads get contiguous
+// runs of items of about equal cost: elements, plus a fixed cost per item and per group (for
+// items that pack many tiny tensors or rows).
 template <typename F>
-void for_each_item(const WorkList& list, const F& process) {
-  const int64_t n = static_cast<int64_t>(list.items.size());
+void for_each_item(const View& layout, const F& process) {
+  const int64_t n = layout.num_items();
   if (n == 0) {
     return;
   }
-  if (list.numel <= kChunk) {
+  if (layout.numel() <= layout.chunk()) {
     for (int64_t i = 0; i < n; ++i) {
       process(i);
     }
     return;
   }
   constexpr int64_t kItemCost = 1024;
+  constexpr int64_t kGroupCost = 64;
   std::vector<int64_t> start(n + 1, 0);
   for (int64_t i = 0; i < n; ++i) {
-    start[i + 1] = start[i] + (list.items[i].end - list.items[i].begin) + kItemCost;
+    const int64_t* item = layout.item(i);
+    start[i + 1] = start[i] + item[plan::kItemLen] + kItemCost + kGroupCost * (item[plan::kItemGroupEnd] - item[plan::kItemGroup]);
   }
-  at::parallel_for(0, start[n], kChunk, [&](int64_t begin, int64_t end) {
+  at::parallel_for(0, start[n], layout.chunk(), [&](int64_t begin, int64_t end) {
     int64_t i = std::lower_bound(start.begin(), start.begin() + n, begin) - start.begin();
     for (; i < n && start[i] < end; ++i) {
       process(i);
@@ -357,29 +362,74 @@ void for_each_item(const WorkList& list, const F& process) {
   });
 }
 
-// Per-item partial sums of one pass, then per-tensor and per-group totals combined in item order.
+// Calls f(tensor, first element, element count, group, split) for the runs of item i that share
+// one group: the one piece of a split group, or each of its whole groups.
+template <typename F>
+void for_each_run(const View& layout, int64_t i, const F& f) {
+  const int64_t* item = layout.item(i);
+  for (int64_t g = item[plan::kItemGroup]; g < item[plan::kItemGroupEnd]; ++g) {
+    const int64_t* group = layout.group(g);
+    if (layout.split(g)) {
+      f(group[plan::kGroupTensor], group[plan::kGroupStart] + item[plan::kItemOffset], item[plan::kItemLen], g, true);
+    } else {
+      f(group[plan::kGroupTensor], group[plan::kGroupStart], group[plan::kGroupLen], g, false);
+    }
+  }
+}
+
+// Pointer row `list` of a table, typed.
+template <typename scalar_t>
+std::vector<scalar_t*> row_of(const View& layout, int64_t list) {
+  std::vector<scalar_t*> out(layout.num_tensors());
+  for (int64_t t = 0; t < layout.num_tensors(); ++t) {
+    out[t] = layout.ptr<scalar_t>(list, t);
+  }
+  return out;
+}
+
+// Partial sums of one pass: a split group's pieces per item, every other group's sums whole;
+// then group and tensor totals, combined in item and group order.
 template <typename acc_t>
 struct Partials {
-  std::vector<acc_t> item_abs, item_sq, group_sq, tensor_abs, tensor_sq;
+  std::vector<acc_t> item_abs, item_sq, group_abs, group_sq, tensor_abs, tensor_sq;
 
-  explicit Partials(const WorkList& list)
-      : item_abs(list.items.size()),
-        item_sq(list.items.size()),
-        group_sq(list.num_groups, acc_t(0)),
-        tensor_abs(list.tensors.size()),
-        tensor_sq(list.tensors.size()) {}
+  explicit Partials(const View& layout)
+      : item_abs(layout.num_items()),
+        item_sq(layout.num_items()),
+        group_abs(layout.num_groups()),
+        group_sq(layout.num_groups()),
+        tensor_abs(layout.num_tensors()),
+        tensor_sq(layout.num_tensors()) {}
 
-  void combine(const WorkList& list) {
-    for (size_t t = 0; t < list.tensors.size(); ++t) {
-      const TensorLayout& layout = list.tensors[t];
+  void record(int64_t item, int64_t group, bool split, const Sums<acc_t>& s) {
+    if (split) {
+      item_abs[item] = s.abs;
+      item_sq[item] = s.sq;
+    } else {
+      group_abs[group] = s.abs;
+      group_sq[group] = s.sq;
+    }
+  }
+
+  void combine(const View& layout) {
+    for (int64_t g = 0; g < layout.num_groups(); ++g) {
+      if (!layout.split(g)) {
+        continue;
+      }
+      const int64_t first = layout.group(g)[plan::kGroupItem];
       acc_t a = 0, q = 0;
-      for (int64_t i = layout.item_begin; i < layout.item_end; ++i) {
+      for (int64_t i = first; i < first + layout.group_items(g); ++i) {
         a += item_abs[i];
         q += item_sq[i];
-        const WorkItem& item = list.items[i];
-        if (item.split) {
-          group_sq[layout.group_offset + item.group_begin] += item_sq[i];
-        }
+      }
+      group_abs[g] = a;
+      group_sq[g] = q;
+    }
+    for (int64_t t = 0; t < layout.num_tensors(); ++t) {
+      acc_t a = 0, q = 0;
+      for (int64_t g = layout.tensor_group_begin(t); g < layout.tensor_group_end(t); ++g) {
+        a += group_abs[g];
+        q += group_sq[g];
       }
       tensor_abs[t] = a;
       tensor_sq[t] = q;
@@ -388,17 +438,16 @@ struct Partials {
 
   acc_t group_norm(int64_t g) const { return std::sqrt(group_sq[g]); }
 
-  // P in the torch backend's order: a zero coefficient leaves its term out entirely.
-  acc_t value(const WorkList& list, const Coefs& c) const {
+  // P in the reference backend's order: a zero coefficient leaves its term out entirely.
+  acc_t value(const View& layout, const Coefs& c) const {
     acc_t abs_total = 0, sq_total = 0, norm_total = 0;
-    for (size_t t = 0; t < list.tensors.size(); ++t) {
+    for (int64_t t = 0; t < layout.num_tensors(); ++t) {
       abs_total += tensor_abs[t];
       sq_total += tensor_sq[t];
       if (c.group_lasso != 0.0) {
-        const TensorLayout& layout = list.tensors[t];
         acc_t norms = 0;
-        for (int64_t g = 0; g < layout.num_groups; ++g) {
-          norms += group_norm(layout.group_offset + g);
+        for (int64_t g = layout.tensor_group_begin(t); g < layout.tensor_group_end(t); ++g) {
+          norms += group_norm(g);
         }
         norm_total += norms;
       }
@@ -418,151 +467,71 @@ struct Partials {
 };
 
 template <typename scalar_t, typename Pre>
-Partials<at::opmath_type<scalar_t>> sums_pass(const WorkList& list, const std::vector<scalar_t*>& w, const Pre& pre) {
-  using acc_t = at::opmath_type<scalar_t>;
-  Partials<acc_t> parts(list);
-  for_each_item(list, [&](int64_t i) {
-    const WorkItem& item = list.items[i];
-    const TensorLayout& layout = list.tensors[item.tensor];
-    const scalar_t* base = w[item.tensor];
-    if (item.split) {
-      const auto s = range_sums(base + item.begin, item.end - item.begin, pre);
-      parts.item_abs[i] = s.abs;
-      parts.item_sq[i] = s.sq;
-      return;
-    }
-    acc_t a = 0, q = 0;
-    for (int64_t g = item.group_begin; g < item.group_end; ++g) {
-      const auto s = range_sums(base + g * layout.group_len, layout.group_len, pre);
-      parts.group_sq[layout.group_offset + g] = s.sq;
-      a += s.abs;
-      q += s.sq;
-    }
-    parts.item_abs[i] = a;
-    parts.item_sq[i] = q;
+Partials<at::opmath_type<scalar_t>> sums_pass(const View& layout, const std::vector<scalar_t*>& w, const Pre& pre) {
+  Partials<at::opmath_type<scalar_t>> parts(layout);
+  for_each_item(layout, [&](int64_t i) {
+    for_each_run(layout, i, [&](int64_t t, int64_t begin, int64_t n, int64_t g, bool split) {
+      parts.record(i, g, split, range_sums(w[t] + begin, n, pre));
+    });
   });
-  parts.combine(list);
+  parts.combine(layout);
   return parts;
 }
 
-// Calls f(begin, end, group) for the runs of an item that share one group.
-template <typename F>
-void for_each_group_run(const WorkList& list, const WorkItem& item, const F& f) {
-  if (item.split) {
-    f(item.begin, item.end, item.group_begin);
-    return;
-  }
-  const int64_t len = list.tensors[item.tensor].group_len;
-  for (int64_t g = item.group_begin; g < item.group_end; ++g) {
-    f(g * len, (g + 1) * len, g);
-  }
-}
-
 // The coupled gradient over all items. With group lasso, `group_scale` holds every group's
-// l2 + group_lasso / ||w_g||; without it, one scale (l2) covers each whole item and the pass
-// can also produce the sums (`parts`), so value and gradient take one read of w.
+// l2 + group_lasso / ||w_g||; without it, one scale (l2) covers every run and the pass can also
+// produce the sums (`parts`), so value and gradient take one read of w.
 template <typename scalar_t, bool kAccumulate>
 void grad_pass(
-    const WorkList& list,
+    const View& layout,
     const std::vector<scalar_t*>& w,
     const std::vector<scalar_t*>& out,
     const GradParams<at::opmath_type<scalar_t>>& p,
     const std::vector<at::opmath_type<scalar_t>>* group_scale,
     at::opmath_type<scalar_t> l2,
     Partials<at::opmath_type<scalar_t>>* parts) {
-  for_each_item(list, [&](int64_t i) {
-    const WorkItem& item = list.items[i];
-    const scalar_t* wt = w[item.tensor];
-    scalar_t* ot = out[item.tensor];
-    if (group_scale == nullptr) {
-      const int64_t n = item.end - item.begin;
+  for_each_item(layout, [&](int64_t i) {
+    for_each_run(layout, i, [&](int64_t t, int64_t begin, int64_t n, int64_t g, bool split) {
       if (parts != nullptr) {
-        const auto s = grad_range<scalar_t, kAccumulate, true>(wt + item.begin, ot + item.begin, n, p, l2);
-        parts->item_abs[i] = s.abs;
-        parts->item_sq[i] = s.sq;
+        parts->record(i, g, split, grad_range<scalar_t, kAccumulate, true>(w[t] + begin, out[t] + begin, n, p, l2));
       } else {
-        grad_range<scalar_t, kAccumulate, false>(wt + item.begin, ot + item.begin, n, p, l2);
+        grad_range<scalar_t, kAccumulate, false>(w[t] + begin, out[t] + begin, n, p,
+                                                 group_scale == nullptr ? l2 : (*group_scale)[g]);
       }
-      return;
-    }
-    const int64_t offset = list.tensors[item.tensor].group_offset;
-    for_each_group_run(list, item, [&](int64_t begin, int64_t end, int64_t g) {
-      grad_range<scalar_t, kAccumulate, false>(wt + begin, ot + begin, end - begin, p, (*group_scale)[offset + g]);
     });
   });
   if (parts != nullptr) {
-    parts->combine(list);
+    parts->combine(layout);
   }
 }
 
-// group_dim only matters to the group-lasso term; without it every tensor is one group, so
-// value and add_grad_ share one layout and return bit-identical values.
-WorkList work_list_for(const Contiguous& c, const Coefs& coefs) {
-  return make_work_list(c.tensors, coefs.row_groups && coefs.group_lasso != 0.0);
+at::TensorOptions accumulate_options(at::ScalarType dtype) {
+  return at::TensorOptions().dtype(dtype == at::kDouble ? at::kDouble : at::kFloat).device(at::kCPU);
 }
 
-at::ScalarType accumulate_type(at::TensorList params) {
-  if (params.empty()) {
-    return at::kFloat;
-  }
-  return params[0].scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+void check_table(const at::Tensor& table, int64_t lists, const char* op) {
+  TORCH_CHECK(table.is_cpu() && table.scalar_type() == at::kLong && table.dim() == 1 && table.is_contiguous() &&
+                  table.numel() >= plan::kHeaderWords && table.data_ptr<int64_t>()[plan::kWords] == table.numel(),
+              "fastreg::", op, ": not a work-layout table");
+  TORCH_CHECK(table.data_ptr<int64_t>()[plan::kLists] >= lists, "fastreg::", op, ": the table has ",
+              table.data_ptr<int64_t>()[plan::kLists], " pointer rows, the op needs ", lists);
 }
 
-at::TensorOptions accumulate_options(at::TensorList params) {
-  return at::TensorOptions().dtype(accumulate_type(params)).device(at::kCPU);
+Coefs coefs_of(const View& layout, double l1, double l2, double group_lasso) {
+  return make_coefs(l1, l2, group_lasso, layout.row_groups() ? std::optional<int64_t>(0) : std::nullopt);
 }
 
-std::tuple<at::Tensor, at::Tensor> norms_cpu(at::TensorList params) {
-  check_params(params, c10::DeviceType::CPU, "norms");
-  const auto options = accumulate_options(params);
-  const auto count = static_cast<int64_t>(params.size());
-  at::Tensor abs_sums = at::empty({count}, options);
-  at::Tensor sq_sums = at::empty({count}, options);
-  if (params.empty()) {
-    return {abs_sums, sq_sums};
-  }
-  const Contiguous c(params);
-  const WorkList list = make_work_list(c.tensors, false);
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, params[0].scalar_type(), "fastreg_norms", [&] {
-    using acc_t = at::opmath_type<scalar_t>;
-    const auto parts = sums_pass(list, c.ptrs<scalar_t>(), Identity{});
-    std::copy(parts.tensor_abs.begin(), parts.tensor_abs.end(), abs_sums.data_ptr<acc_t>());
-    std::copy(parts.tensor_sq.begin(), parts.tensor_sq.end(), sq_sums.data_ptr<acc_t>());
-  });
-  return {abs_sums, sq_sums};
-}
-
-at::Tensor value_cpu(at::TensorList params, double l1, double l2, double group_lasso, std::optional<int64_t> group_dim) {
-  check_params(params, c10::DeviceType::CPU, "value");
-  const Coefs coefs = make_coefs(l1, l2, group_lasso, group_dim);
-  at::Tensor out = at::zeros({}, accumulate_options(params));
-  if (params.empty() || coefs.is_zero()) {
-    return out;
-  }
-  const Contiguous c(params);
-  const WorkList list = work_list_for(c, coefs);
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, params[0].scalar_type(), "fastreg_value", [&] {
-    using acc_t = at::opmath_type<scalar_t>;
-    const auto parts = sums_pass(list, c.ptrs<scalar_t>(), Identity{});
-    out.fill_(parts.value(list, coefs));
-  });
-  return out;
-}
-
-// dP/dw into `out` (kAccumulate: added to it; else scaled by grad_output); returns P when asked.
+// dP/dw of the tensors of pointer row 0 into `out` (kAccumulate: added to it; else scaled by
+// grad_output); returns P when asked.
 template <bool kAccumulate>
-void gradient(const Contiguous& w, const std::vector<at::Tensor>& out, const Coefs& coefs, double grad_output,
-              at::Tensor* value) {
-  const WorkList list = work_list_for(w, coefs);
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, w.tensors[0].scalar_type(), "fastreg_gradient", [&] {
+void gradient(const View& layout, at::ScalarType dtype, const Coefs& coefs, const std::vector<void*>& out,
+              double grad_output, at::Tensor* value) {
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, dtype, "fastreg_gradient", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     using Vec = Vectorized<acc_t>;
-    const auto wp = w.ptrs<scalar_t>();
-    std::vector<scalar_t*> op;
-    op.reserve(out.size());
-    for (const auto& t : out) {
-      op.push_back(t.numel() == 0 ? nullptr : t.data_ptr<scalar_t>());
-    }
+    const auto wp = row_of<scalar_t>(layout, 0);
+    std::vector<scalar_t*> op(out.size());
+    std::transform(out.begin(), out.end(), op.begin(), [](void* p) { return static_cast<scalar_t*>(p); });
     const GradParams<acc_t> p{
         coefs.l1 != 0.0,
         coefs.l2 != 0.0 || coefs.group_lasso != 0.0,
@@ -574,27 +543,165 @@ void gradient(const Contiguous& w, const std::vector<at::Tensor>& out, const Coe
     if (coefs.group_lasso == 0.0) {
       std::optional<Partials<acc_t>> parts;
       if (value) {
-        parts.emplace(list);
+        parts.emplace(layout);
       }
-      grad_pass<scalar_t, kAccumulate>(list, wp, op, p, nullptr, l2, parts ? &*parts : nullptr);
+      grad_pass<scalar_t, kAccumulate>(layout, wp, op, p, nullptr, l2, parts ? &*parts : nullptr);
       if (value) {
-        value->fill_(parts->value(list, coefs));
+        value->fill_(parts->value(layout, coefs));
       }
       return;
     }
-    const auto parts = sums_pass(list, wp, Identity{});
+    const auto parts = sums_pass(layout, wp, Identity{});
     const auto gl = static_cast<acc_t>(coefs.group_lasso);
-    std::vector<acc_t> scale(list.num_groups);
-    for (int64_t g = 0; g < list.num_groups; ++g) {
+    std::vector<acc_t> scale(layout.num_groups());
+    for (int64_t g = 0; g < layout.num_groups(); ++g) {
       const acc_t norm = parts.group_norm(g);
       // An all-zero group has gradient 0 (1/||w_g|| taken as 0), as does a NaN norm.
       scale[g] = l2 + gl * (norm > acc_t(0) ? acc_t(1) / norm : acc_t(0));
     }
-    grad_pass<scalar_t, kAccumulate>(list, wp, op, p, &scale, l2, nullptr);
+    grad_pass<scalar_t, kAccumulate>(layout, wp, op, p, &scale, l2, nullptr);
     if (value) {
-      value->fill_(parts.value(list, coefs));
+      value->fill_(parts.value(layout, coefs));
     }
   });
+}
+
+// The ops on a table whose pointer rows address contiguous tensors: the planned path
+// (fastreg/_plan.py keeps one table per parameter list) and the list ops below share them.
+
+std::tuple<at::Tensor, at::Tensor> norms_table(const at::Tensor& table, at::ScalarType dtype) {
+  check_table(table, 1, "norms");
+  const View layout(table);
+  const auto options = accumulate_options(dtype);
+  at::Tensor abs_sums = at::empty({layout.num_tensors()}, options);
+  at::Tensor sq_sums = at::empty({layout.num_tensors()}, options);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, dtype, "fastreg_norms", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    const auto parts = sums_pass(layout, row_of<scalar_t>(layout, 0), Identity{});
+    std::copy(parts.tensor_abs.begin(), parts.tensor_abs.end(), abs_sums.data_ptr<acc_t>());
+    std::copy(parts.tensor_sq.begin(), parts.tensor_sq.end(), sq_sums.data_ptr<acc_t>());
+  });
+  return {abs_sums, sq_sums};
+}
+
+at::Tensor value_table(const at::Tensor& table, at::ScalarType dtype, double l1, double l2, double group_lasso) {
+  check_table(table, 1, "value");
+  const View layout(table);
+  const Coefs coefs = coefs_of(layout, l1, l2, group_lasso);
+  at::Tensor out = at::zeros({}, accumulate_options(dtype));
+  if (coefs.is_zero()) {
+    return out;
+  }
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, dtype, "fastreg_value", [&] {
+    const auto parts = sums_pass(layout, row_of<scalar_t>(layout, 0), Identity{});
+    out.fill_(parts.value(layout, coefs));
+  });
+  return out;
+}
+
+at::Tensor add_grad_table(const at::Tensor& table, at::ScalarType dtype, double l1, double l2, double group_lasso) {
+  check_table(table, 2, "add_grad_");
+  const View layout(table);
+  const Coefs coefs = coefs_of(layout, l1, l2, group_lasso);
+  at::Tensor value = at::zeros({}, accumulate_options(dtype));
+  if (coefs.is_zero() || layout.num_tensors() == 0) {
+    return value;
+  }
+  std::vector<void*> grads(layout.num_tensors());
+  for (int64_t t = 0; t < layout.num_tensors(); ++t) {
+    grads[t] = layout.ptr<void>(1, t);
+  }
+  gradient<true>(layout, dtype, coefs, grads, 0.0, &value);
+  return value;
+}
+
+void decay_table(const at::Tensor& table, at::ScalarType dtype, double lr, const std::optional<at::Tensor>& lr_tensor,
+                 double l1, double l2, double group_lasso) {
+  check_table(table, 1, "decay_");
+  const View layout(table);
+  const Coefs coefs = coefs_of(layout, l1, l2, group_lasso);
+  if (lr_tensor.has_value()) {
+    TORCH_CHECK(lr_tensor->numel() == 1 && lr_tensor->is_floating_point(),
+                "fastreg::decay_: lr_tensor must be one floating-point element, got ", lr_tensor->scalar_type(),
+                " of shape ", lr_tensor->sizes());
+    lr = lr_tensor->item<double>();
+  }
+  if (coefs.is_zero()) {
+    return;
+  }
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, dtype, "fastreg_decay", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    using Vec = Vectorized<acc_t>;
+    const auto w = row_of<scalar_t>(layout, 0);
+    const DecayPrefix<acc_t> pre{
+        coefs.l2 != 0.0,
+        coefs.l1 != 0.0,
+        Vec(static_cast<acc_t>(1 - lr * coefs.l2)),
+        Vec(static_cast<acc_t>(lr * coefs.l1)),
+    };
+    if (coefs.group_lasso == 0.0) {
+      for_each_item(layout, [&](int64_t i) {
+        for_each_run(layout, i, [&](int64_t t, int64_t begin, int64_t n, int64_t, bool) {
+          decay_range(w[t] + begin, n, pre, false, acc_t(1));
+        });
+      });
+      return;
+    }
+    // Block shrink uses the norm of the already thresholded group, so the norms pass applies
+    // steps 1-2 in registers and the update pass applies them again before scaling.
+    const auto parts = sums_pass(layout, w, pre);
+    const auto threshold = static_cast<acc_t>(lr * coefs.group_lasso);
+    std::vector<acc_t> scale(layout.num_groups());
+    for (int64_t g = 0; g < layout.num_groups(); ++g) {
+      const acc_t norm = parts.group_norm(g);
+      scale[g] = norm > threshold ? acc_t(1) - (acc_t(1) / norm) * threshold : acc_t(0);
+    }
+    for_each_item(layout, [&](int64_t i) {
+      for_each_run(layout, i, [&](int64_t t, int64_t begin, int64_t n, int64_t g, bool) {
+        decay_range(w[t] + begin, n, pre, true, scale[g]);
+      });
+    });
+  });
+}
+
+// The list ops (torch.ops.fastreg, used where no plan is cached, e.g. under torch.compile): the
+// layout of plan.h built for this call, over contiguous stand-ins of the tensors.
+
+// group_dim only matters to the group-lasso term; without it every tensor is one group, so value
+// and add_grad_ share one layout and return bit-identical values.
+bool row_groups_of(const Coefs& coefs) {
+  return coefs.row_groups && coefs.group_lasso != 0.0;
+}
+
+at::Tensor table_of(const Contiguous& params, const Contiguous* grads, bool row_groups) {
+  std::vector<plan::Extent> extents;
+  extents.reserve(params.tensors.size());
+  for (const auto& t : params.tensors) {
+    extents.push_back(plan::extent_of(t));
+  }
+  at::Tensor table = plan::build(extents, row_groups, grads == nullptr ? 1 : 2);
+  plan::set_ptrs(table, 0, params.tensors);
+  if (grads != nullptr) {
+    plan::set_ptrs(table, 1, grads->tensors);
+  }
+  return table;
+}
+
+at::ScalarType dtype_of(at::TensorList params) {
+  return params.empty() ? at::kFloat : params[0].scalar_type();
+}
+
+std::tuple<at::Tensor, at::Tensor> norms_cpu(at::TensorList params) {
+  check_params(params, c10::DeviceType::CPU, "norms");
+  const Contiguous c(params);
+  return norms_table(table_of(c, nullptr, false), dtype_of(params));
+}
+
+at::Tensor value_cpu(at::TensorList params, double l1, double l2, double group_lasso, std::optional<int64_t> group_dim) {
+  check_params(params, c10::DeviceType::CPU, "value");
+  const Coefs coefs = make_coefs(l1, l2, group_lasso, group_dim);
+  const Contiguous c(params);
+  return value_table(table_of(c, nullptr, row_groups_of(coefs)), dtype_of(params), l1, l2, group_lasso);
 }
 
 at::Tensor add_grad_cpu(at::TensorList params, at::TensorList grads, double l1, double l2, double group_lasso,
@@ -602,13 +709,12 @@ at::Tensor add_grad_cpu(at::TensorList params, at::TensorList grads, double l1, 
   check_params(params, c10::DeviceType::CPU, "add_grad_");
   check_grads(params, grads, "add_grad_");
   const Coefs coefs = make_coefs(l1, l2, group_lasso, group_dim);
-  at::Tensor value = at::zeros({}, accumulate_options(params));
   if (params.empty() || coefs.is_zero()) {
-    return value;
+    return at::zeros({}, accumulate_options(dtype_of(params)));
   }
   const Contiguous w(params);
   const Contiguous g(grads);
-  gradient<true>(w, g.tensors, coefs, 0.0, &value);
+  at::Tensor value = add_grad_table(table_of(w, &g, row_groups_of(coefs)), dtype_of(params), l1, l2, group_lasso);
   g.write_back(grads);
   return value;
 }
@@ -621,14 +727,18 @@ std::vector<at::Tensor> penalty_backward_cpu(at::TensorList params, const at::Te
   const Coefs coefs = make_coefs(l1, l2, group_lasso, group_dim);
   std::vector<at::Tensor> out;
   out.reserve(params.size());
+  std::vector<void*> out_ptrs;
+  out_ptrs.reserve(params.size());
   for (const auto& p : params) {
     out.push_back(at::empty(p.sizes(), p.options().memory_format(at::MemoryFormat::Contiguous)));
+    out_ptrs.push_back(out.back().numel() == 0 ? nullptr : out.back().data_ptr());
   }
   if (params.empty()) {
     return out;
   }
   const Contiguous w(params);
-  gradient<false>(w, out, coefs, grad_output.item<double>(), nullptr);
+  const at::Tensor table = table_of(w, nullptr, row_groups_of(coefs));
+  gradient<false>(View(table), dtype_of(params), coefs, out_ptrs, grad_output.item<double>(), nullptr);
   return out;
 }
 
@@ -636,55 +746,33 @@ void decay_cpu(at::TensorList params, double lr, const std::optional<at::Tensor>
                double group_lasso, std::optional<int64_t> group_dim) {
   check_params(params, c10::DeviceType::CPU, "decay_");
   const Coefs coefs = make_coefs(l1, l2, group_lasso, group_dim);
-  if (lr_tensor.has_value()) {
-    TORCH_CHECK(lr_tensor->numel() == 1 && lr_tensor->is_floating_point(),
-                "fastreg::decay_: lr_tensor must be one floating-point element, got ", lr_tensor->scalar_type(),
-                " of shape ", lr_tensor->sizes());
-    lr = lr_tensor->item<double>();
-  }
-  if (params.empty() || coefs.is_zero()) {
-    return;
-  }
   const Contiguous c(params);
-  const WorkList list = work_list_for(c, coefs);
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, params[0].scalar_type(), "fastreg_decay", [&] {
-    using acc_t = at::opmath_type<scalar_t>;
-    using Vec = Vectorized<acc_t>;
-    const auto w = c.ptrs<scalar_t>();
-    const DecayPrefix<acc_t> pre{
-        coefs.l2 != 0.0,
-        coefs.l1 != 0.0,
-        Vec(static_cast<acc_t>(1 - lr * coefs.l2)),
-        Vec(static_cast<acc_t>(lr * coefs.l1)),
-    };
-    if (coefs.group_lasso == 0.0) {
-      for_each_item(list, [&](int64_t i) {
-        const WorkItem& item = list.items[i];
-        decay_range(w[item.tensor] + item.begin, item.end - item.begin, pre, false, acc_t(1));
-      });
-      return;
-    }
-    // Block shrink uses the norm of the already thresholded group, so the norms pass applies
-    // steps 1-2 in registers and the update pass applies them again before scaling.
-    const auto parts = sums_pass(list, w, pre);
-    const auto threshold = static_cast<acc_t>(lr * coefs.group_lasso);
-    std::vector<acc_t> scale(list.num_groups);
-    for (int64_t g = 0; g < list.num_groups; ++g) {
-      const acc_t norm = parts.group_norm(g);
-      scale[g] = norm > threshold ? acc_t(1) - (acc_t(1) / norm) * threshold : acc_t(0);
-    }
-    for_each_item(list, [&](int64_t i) {
-      const WorkItem& item = list.items[i];
-      const int64_t offset = list.tensors[item.tensor].group_offset;
-      for_each_group_run(list, item, [&](int64_t begin, int64_t end, int64_t g) {
-        decay_range(w[item.tensor] + begin, end - begin, pre, true, scale[offset + g]);
-      });
-    });
-  });
+  decay_table(table_of(c, nullptr, row_groups_of(coefs)), dtype_of(params), lr, lr_tensor, l1, l2, group_lasso);
   c.write_back(params);
 }
 
 }  // namespace
+
+namespace cpu {
+
+std::tuple<at::Tensor, at::Tensor> planned_norms(const at::Tensor& table, at::ScalarType dtype) {
+  return norms_table(table, dtype);
+}
+
+at::Tensor planned_value(const at::Tensor& table, at::ScalarType dtype, double l1, double l2, double group_lasso) {
+  return value_table(table, dtype, l1, l2, group_lasso);
+}
+
+at::Tensor planned_add_grad(const at::Tensor& table, at::ScalarType dtype, double l1, double l2, double group_lasso) {
+  return add_grad_table(table, dtype, l1, l2, group_lasso);
+}
+
+void planned_decay(const at::Tensor& table, at::ScalarType dtype, double lr, const std::optional<at::Tensor>& lr_tensor,
+                   double l1, double l2, double group_lasso) {
+  decay_table(table, dtype, lr, lr_tensor, l1, l2, group_lasso);
+}
+
+}  // namespace cpu
 
 TORCH_LIBRARY_IMPL(fastreg, CPU, m) {
   m.impl("norms", &norms_cpu);

@@ -52,11 +52,14 @@ CSRC = _find_csrc()
 class _Extension:
     """One C++ extension: its sources, flags, and the outcome of building and loading it."""
 
-    def __init__(self, name: str, sources: List[str], headers: List[str], root: Path = CSRC):
+    def __init__(self, name: str, sources: List[str], headers: List[str], root: Path = CSRC, python_module: bool = False):
         self.name = name
         self.root = Path(root)
         self.sources = sources
         self.headers = headers
+        # A Python module (pybind11) besides its torch.ops operators; loaded, it is `module`.
+        self.python_module = python_module
+        self.module = None
         self._lock = threading.Lock()
         self._done = False
         self._error: Optional[str] = None
@@ -147,7 +150,7 @@ class _Extension:
     def _load(self, build_dir: Path, verbose: bool) -> None:
         from torch.utils import cpp_extension
 
-        cpp_extension.load(
+        self.module = cpp_extension.load(
             name=self.versioned_name(),
             sources=[str(p) for p in self._paths(self.sources)],
             extra_cflags=self._cflags(),
@@ -155,7 +158,7 @@ class _Extension:
             extra_ldflags=self._ldflags(),
             extra_include_paths=[str(self.root)],
             build_directory=str(build_dir),
-            is_python_module=False,
+            is_python_module=self.python_module,
             verbose=verbose,
         )
 
@@ -337,8 +340,9 @@ def compiled_std_flags(extension: "_Extension") -> List[str]:
     return re.findall(r"-std=\S+", cflags)
 
 
-CPU = _Extension("fastreg_cpu", sources=["ops.cpp", "fastreg_cpu.cpp"], headers=["fastreg.h"])
-CUDA = _CudaExtension("fastreg_cuda", sources=["fastreg_cuda.cu"], headers=["fastreg.h"], requires=CPU)
+CPU = _Extension("fastreg_cpu", sources=["ops.cpp", "fastreg_cpu.cpp", "planner.cpp"], headers=["fastreg.h", "plan.h"],
+                 python_module=True)
+CUDA = _CudaExtension("fastreg_cuda", sources=["fastreg_cuda.cu"], headers=["fastreg.h", "plan.h"], requires=CPU)
 
 EXTENSIONS: Dict[str, _Extension] = {CPU.name: CPU, CUDA.name: CUDA}
 
@@ -348,6 +352,12 @@ SKIPPED = "skipped: "
 def cpu_unavailable_reason() -> Optional[str]:
     """None when the CPU extension is built and loaded (building it now if needed), else why not."""
     return CPU.ensure()
+
+
+def planner():
+    """The C++ planner module (``csrc/planner.cpp``), or None where the CPU extension cannot be
+    built (the Python planner then does its work)."""
+    return CPU.module if CPU.ensure() is None else None
 
 
 def cuda_unavailable_reason() -> Optional[str]:

@@ -1,0 +1,354 @@
+// The host side of a planned call, exposed to Python (fastreg/_plan.py): a cache key over a
+// tensor list, one C++ pass to validate and group a list the first time it is seen, and the
+// work-layout builder of plan.h.
+//
+// Everything here works on the Python list the caller passed, element by element in C++, so
+// that a call whose tensors were seen before costs one pass over their metadata and no Python
+// code per tensor. Anything unusual (an element that is not a plain dense tensor, a bad dtype,
+// a gradient that does not match, memory shared between tensors that are written) is not
+// decided here: the list goes to the Python planner, which owns every error message.
+#include "fastreg.h"
+
+#include <torch/csrc/autograd/python_variable.h>
+#include <torch/extension.h>
+
+#include <algorithm>
+#include <cstdint>
+#include <list>
+#include <map>
+#include <utility>
+#include <vector>
+
+namespace fastreg {
+namespace {
+
+namespace py = pybind11;
+
+// What a call does with its tensors, which decides what must hold for a plan to apply.
+enum Kind : int64_t {
+  kRead = 0,          // reads the tensors
+  kWritesParams = 1,  // writes the tensors in place
+  kWritesGrads = 2,   // reads the tensors that have a .grad and writes those grads
+};
+
+// A tensor's dtype, device, contiguity and dimensionality in one word of the key.
+int64_t meta_word(const c10::TensorImpl* impl, bool contiguous) {
+  const auto dtype = static_cast<int64_t>(c10::typeMetaToScalarType(impl->dtype()));
+  const auto device_type = static_cast<int64_t>(impl->device_type());
+  const int64_t index = impl->device_type() == c10::DeviceType::CPU ? 0 : impl->device().index() + 1;
+  return dtype | (device_type << 8) | (index << 16) | (int64_t{contiguous} << 32) | (int64_t{impl->dim() >= 2} << 33);
+}
+
+const char* data_of(const c10::TensorImpl* impl) {
+  return static_cast<const char*>(impl->storage().data()) + impl->storage_offset() * impl->itemsize();
+}
+
+// The tensor behind a list element when it is one a plan can describe: a plain (no Python
+// dispatch) dense tensor with storage on a real device. Else nullptr.
+const at::Tensor* plain_tensor(PyObject* object) {
+  if (!THPVariable_Check(object)) {
+    return nullptr;
+  }
+  const at::Tensor& t = THPVariable_Unpack(object);
+  const c10::TensorImpl* impl = t.unsafeGetTensorImpl();
+  if (impl->layout() != at::kStrided || !impl->has_storage() || impl->key_set().has(c10::DispatchKey::Python) ||
+      impl->is_neg() || impl->device_type() == c10::DeviceType::Meta) {
+    return nullptr;
+  }
+  return &t;
+}
+
+// The key of a list: for each tensor the words a plan depends on. A plan holds addresses, sizes
+// and groupings, not objects, so a list whose words are equal to a planned one's may use that
+// plan even if its tensors are new objects (a tensor freed and another allocated at its address
+// with its sizes); the tensor object (its TensorImpl) is part of the key only so that a list that
+// repeats one tensor never matches a list of two distinct views.
+struct Key {
+  std::vector<int64_t> words;
+  uint64_t hash = 0;
+
+  bool operator==(const Key& other) const { return hash == other.hash && words == other.words; }
+};
+
+void push(Key& key, int64_t word) {
+  key.words.push_back(word);
+  // splitmix64's finalizer over a running combination: cheap, and no structure survives it.
+  uint64_t h = key.hash ^ (static_cast<uint64_t>(word) + 0x9e3779b97f4a7c15ull + (key.hash << 6) + (key.hash >> 2));
+  h = (h ^ (h >> 30)) * 0xbf58476d1ce4e5b9ull;
+  h = (h ^ (h >> 27)) * 0x94d049bb133111ebull;
+  key.hash = h ^ (h >> 31);
+}
+
+void push_tensor(Key& key, const at::Tensor& t) {
+  const c10::TensorImpl* impl = t.unsafeGetTensorImpl();
+  const bool contiguous = impl->is_contiguous();
+  push(key, reinterpret_cast<int64_t>(impl));
+  push(key, reinterpret_cast<int64_t>(data_of(impl)));
+  push(key, impl->numel());
+  push(key, meta_word(impl, contiguous));
+  push(key, impl->dim() >= 2 ? impl->size(0) : 1);
+  if (!contiguous) {
+    // Staged through copies, but its footprint decides what it may overlap.
+    push(key, impl->dim());
+    for (int64_t d = 0; d < impl->dim(); ++d) {
+      push(key, impl->size(d));
+      push(key, impl->stride(d));
+    }
+  }
+}
+
+// The key of `list` for a call of `kind`, or false when the list is not one a plan describes.
+bool make_key(PyObject* list, int64_t kind, Key& key) {
+  const Py_ssize_t n = PyList_GET_SIZE(list);
+  key.words.clear();
+  key.words.reserve(static_cast<size_t>(n) * 8 + 2);
+  key.hash = 0;
+  push(key, kind);
+  push(key, n);
+  for (Py_ssize_t i = 0; i < n; ++i) {
+    const at::Tensor* t = plain_tensor(PyList_GET_ITEM(list, i));
+    if (t == nullptr) {
+      return false;
+    }
+    push_tensor(key, *t);
+    if (kind == kWritesGrads) {
+      const at::Tensor& g = t->grad();
+      if (!g.defined()) {
+        push(key, 0);
+        continue;
+      }
+      const c10::TensorImpl* gi = g.unsafeGetTensorImpl();
+      if (gi->layout() != at::kStrided || !gi->has_storage() || gi->key_set().has(c10::DispatchKey::Python) ||
+          gi->is_neg() || g.sizes() != t->sizes()) {
+        return false;
+      }
+      push_tensor(key, g);
+    }
+  }
+  return true;
+}
+
+// A bounded, least-recently-used map from keys to plans (Python objects). Lookups hold the GIL,
+// as every call of this module does, so the cache needs no lock of its own.
+class PlanCache {
+ public:
+  explicit PlanCache(int64_t capacity) : capacity_(std::max<int64_t>(capacity, 1)) {}
+
+  // (plan, None) when a plan of an equal key is cached; (None, key) when none is, for put();
+  // (None, None) when the list is not one a plan describes.
+  py::tuple lookup(const py::list& tensors, int64_t kind) {
+    if (!make_key(tensors.ptr(), kind, scratch_)) {
+      return py::make_tuple(py::none(), py::none());
+    }
+    for (auto it = entries_.begin(); it != entries_.end(); ++it) {
+      if (it->first == scratch_) {
+        entries_.splice(entries_.begin(), entries_, it);
+        ++hits_;
+        return py::make_tuple(entries_.front().second, py::none());
+      }
+    }
+    ++misses_;
+    return py::make_tuple(py::none(), py::cast(scratch_));
+  }
+
+  void put(const Key& key, py::object plan) {
+    entries_.emplace_front(key, std::move(plan));
+    while (static_cast<int64_t>(entries_.size()) > capacity_) {
+      entries_.pop_back();
+    }
+  }
+
+  void clear() { entries_.clear(); }
+  int64_t size() const { return static_cast<int64_t>(entries_.size()); }
+  int64_t hits() const { return hits_; }
+  int64_t misses() const { return misses_; }
+
+ private:
+  int64_t capacity_;
+  std::list<std::pair<Key, py::object>> entries_;
+  Key scratch_;
+  int64_t hits_ = 0;
+  int64_t misses_ = 0;
+};
+
+bool supported_dtype(at::ScalarType dtype) {
+  return dtype == at::kFloat || dtype == at::kDouble || dtype == at::kHalf || dtype == at::kBFloat16;
+}
+
+// Address range [begin, end) of the bytes a non-empty tensor can touch.
+std::pair<uintptr_t, uintptr_t> span_of(const at::Tensor& t) {
+  const c10::TensorImpl* impl = t.unsafeGetTensorImpl();
+  int64_t extent = 1;
+  if (impl->is_contiguous()) {
+    extent = impl->numel();
+  } else {
+    for (int64_t d = 0; d < impl->dim(); ++d) {
+      extent += (impl->size(d) - 1) * std::abs(impl->stride(d));
+    }
+  }
+  const auto begin = reinterpret_cast<uintptr_t>(data_of(impl));
+  return {begin, begin + static_cast<uintptr_t>(extent * impl->itemsize())};
+}
+
+bool any_overlap(std::vector<std::pair<uintptr_t, uintptr_t>>& spans) {
+  std::sort(spans.begin(), spans.end());
+  for (size_t i = 1; i < spans.size(); ++i) {
+    if (spans[i].first < spans[i - 1].second) {
+      return true;
+    }
+  }
+  return false;
+}
+
+// First sight of a list: check every tensor, pick the ones the call works on, and split them by
+// (device, dtype). Returns None when the Python planner must decide (an error to report, or a
+// case this pass does not settle, such as written tensors whose address ranges intersect), else
+// a dict:
+//   used:     positions in `tensors` of the tensors the call works on (all, or those with a .grad)
+//   groups:   per (device, dtype) in order of first appearance: (device, dtype, positions in
+//             `used`, whether all are contiguous)
+//   extents:  int64 [len(used), 2]: numel and rows (shape[0] of 2+-dim tensors, else 1)
+py::object scan(const py::list& tensors, int64_t kind) {
+  const Py_ssize_t n = PyList_GET_SIZE(tensors.ptr());
+  std::vector<const at::Tensor*> used_tensors;
+  std::vector<int64_t> used;
+  used_tensors.reserve(n);
+  used.reserve(n);
+  std::vector<const c10::TensorImpl*> impls;
+  impls.reserve(n);
+  for (Py_ssize_t i = 0; i < n; ++i) {
+    const at::Tensor* t = plain_tensor(PyList_GET_ITEM(tensors.ptr(), i));
+    if (t == nullptr || !supported_dtype(t->scalar_type())) {
+      return py::none();
+    }
+    impls.push_back(t->unsafeGetTensorImpl());
+    if (kind == kWritesGrads) {
+      const at::Tensor& g = t->grad();
+      if (!g.defined()) {
+        continue;
+      }
+      if (g.layout() != at::kStrided || g.scalar_type() != t->scalar_type() || g.sizes() != t->sizes() ||
+          g.device() != t->device() || !g.unsafeGetTensorImpl()->has_storage() || g.unsafeGetTensorImpl()->is_neg() ||
+          g.unsafeGetTensorImpl()->key_set().has(c10::DispatchKey::Python)) {
+        return py::none();
+      }
+    }
+    used_tensors.push_back(t);
+    used.push_back(i);
+  }
+  std::sort(impls.begin(), impls.end());
+  if (std::adjacent_find(impls.begin(), impls.end()) != impls.end()) {
+    return py::none();  // one tensor listed twice
+  }
+  if (kind != kRead) {
+    std::vector<std::pair<uintptr_t, uintptr_t>> spans;
+    spans.reserve(used_tensors.size());
+    for (const at::Tensor* t : used_tensors) {
+      const at::Tensor& written = kind == kWritesGrads ? t->grad() : *t;
+      if (written.numel() > 0) {
+        spans.push_back(span_of(written));
+      }
+    }
+    if (any_overlap(spans)) {
+      return py::none();
+    }
+  }
+
+  struct Group {
+    at::Device device;
+    at::ScalarType dtype;
+    std::vector<int64_t> members;
+    bool contiguous;
+  };
+  std::vector<Group> groups;
+  const int64_t m = static_cast<int64_t>(used_tensors.size());
+  at::Tensor extents = at::empty({m, 2}, at::TensorOptions().dtype(at::kLong));
+  int64_t* e = extents.data_ptr<int64_t>();
+  for (int64_t k = 0; k < m; ++k) {
+    const at::Tensor& t = *used_tensors[k];
+    const plan::Extent extent = plan::extent_of(t);
+    e[2 * k] = extent.numel;
+    e[2 * k + 1] = extent.rows;
+    bool contiguous = t.is_contiguous();
+    if (kind == kWritesGrads) {
+      contiguous = contiguous && t.grad().is_contiguous();
+    }
+    auto it = std::find_if(groups.begin(), groups.end(), [&](const Group& g) {
+      return g.device == t.device() && g.dtype == t.scalar_type();
+    });
+    if (it == groups.end()) {
+      groups.push_back({t.device(), t.scalar_type(), {}, true});
+      it = groups.end() - 1;
+    }
+    it->members.push_back(k);
+    it->contiguous = it->contiguous && contiguous;
+  }
+  py::list out_groups;
+  for (const Group& g : groups) {
+    at::Tensor members = at::tensor(g.members, at::TensorOptions().dtype(at::kLong));
+    out_groups.append(py::make_tuple(py::cast(g.device), py::cast(g.dtype), members, g.contiguous));
+  }
+  py::dict out;
+  out["used"] = at::tensor(used, at::TensorOptions().dtype(at::kLong));
+  out["groups"] = out_groups;
+  out["extents"] = extents;
+  return out;
+}
+
+at::Tensor layout(const at::Tensor& extents, bool row_groups, int64_t lists, int64_t chunk, int64_t max_groups) {
+  TORCH_CHECK(extents.dim() == 2 && extents.size(1) == 2 && extents.scalar_type() == at::kLong && extents.is_cpu(),
+              "fastreg: extents must be an int64 CPU tensor of shape [T, 2]");
+  const at::Tensor e = extents.contiguous();
+  const int64_t* words = e.data_ptr<int64_t>();
+  std::vector<plan::Extent> list(e.size(0));
+  for (int64_t t = 0; t < e.size(0); ++t) {
+    list[t] = {words[2 * t], words[2 * t + 1]};
+  }
+  return plan::build(list, row_groups, lists, chunk, max_groups <= 0 ? plan::kUnlimitedGroups : max_groups);
+}
+
+// Fills pointer row `list` of a host table with the data addresses of `tensors` (a Python list).
+void set_ptrs(at::Tensor& table, int64_t list, const py::list& tensors) {
+  std::vector<at::Tensor> unpacked;
+  unpacked.reserve(PyList_GET_SIZE(tensors.ptr()));
+  for (Py_ssize_t i = 0; i < PyList_GET_SIZE(tensors.ptr()); ++i) {
+    PyObject* object = PyList_GET_ITEM(tensors.ptr(), i);
+    TORCH_CHECK_TYPE(THPVariable_Check(object), "fastreg: set_ptrs takes a list of tensors");
+    unpacked.push_back(THPVariable_Unpack(object));
+  }
+  plan::set_ptrs(table, list, unpacked);
+}
+
+}  // namespace
+}  // namespace fastreg
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  namespace py = pybind11;
+  using fastreg::Key;
+  using fastreg::PlanCache;
+  m.doc() = "fastreg's planner: cache keys, first-sight checks and the work layout of a call";
+  m.attr("READ") = static_cast<int64_t>(fastreg::kRead);
+  m.attr("WRITES_PARAMS") = static_cast<int64_t>(fastreg::kWritesParams);
+  m.attr("WRITES_GRADS") = static_cast<int64_t>(fastreg::kWritesGrads);
+  py::class_<Key>(m, "Key").def_property_readonly("hash", [](const Key& k) { return k.hash; });
+  py::class_<PlanCache>(m, "PlanCache")
+      .def(py::init<int64_t>(), py::arg("capacity"))
+      .def("lookup", &PlanCache::lookup, py::arg("tensors"), py::arg("kind"))
+      .def("put", &PlanCache::put, py::arg("key"), py::arg("plan"))
+      .def("clear", &PlanCache::clear)
+      .def("__len__", &PlanCache::size)
+      .def_property_readonly("hits", &PlanCache::hits)
+      .def_property_readonly("misses", &PlanCache::misses);
+  m.def("scan", &fastreg::scan, py::arg("tensors"), py::arg("kind"));
+  m.def("layout", &fastreg::layout, py::arg("extents"), py::arg("row_groups"), py::arg("lists"),
+        py::arg("chunk") = fastreg::plan::kDefaultChunk, py::arg("max_groups") = 0);
+  m.def("set_ptrs", &fastreg::set_ptrs, py::arg("table"), py::arg("list"), py::arg("tensors"));
+  // The CPU kernels over a table (fastreg_cpu.cpp), without torch.ops' per-tensor argument work.
+  m.def("norms", &fastreg::cpu::planned_norms, py::arg("table"), py::arg("dtype"));
+  m.def("value", &fastreg::cpu::planned_value, py::arg("table"), py::arg("dtype"), py::arg("l1"), py::arg("l2"),
+        py::arg("group_lasso"));
+  m.def("add_grad_", &fastreg::cpu::planned_add_grad, py::arg("table"), py::arg("dtype"), py::arg("l1"),
+        py::arg("l2"), py::arg("group_lasso"));
+  m.def("decay_", &fastreg::cpu::planned_decay, py::arg("table"), py::arg("dtype"), py::arg("lr"),
+        py::arg("lr_tensor"), py::arg("l1"), py::arg("l2"), py::arg("group_lasso"));
+}
