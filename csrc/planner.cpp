@@ -24,11 +24,14 @@ namespace {
 
 namespace py = pybind11;
 
-// What a call does with its tensors, which decides what must hold for a plan to apply.
+// What a call does with its tensors, which decides what must hold for a plan to apply: flags.
 enum Kind : int64_t {
-  kRead = 0,          // reads the tensors
+  kRead = 0,
   kWritesParams = 1,  // writes the tensors in place
-  kWritesGrads = 2,   // reads the tensors that have a .grad and writes those grads
+  kGraded = 2,        // works on the tensors that have a .grad only
+  kWritesGradsFlag = 4,
+  kWritesGrads = kGraded | kWritesGradsFlag,  // reads the tensors with a .grad, writes those grads
+  kWritesGraded = kGraded | kWritesParams,    // writes the tensors that have a .grad
 };
 
 // A tensor's dtype, device, contiguity and dimensionality in one word of the key.
@@ -111,7 +114,7 @@ bool make_key(PyObject* list, int64_t kind, Key& key) {
       return false;
     }
     push_tensor(key, *t);
-    if (kind == kWritesGrads) {
+    if (kind & kGraded) {
       const at::Tensor& g = t->grad();
       if (!g.defined()) {
         push(key, 0);
@@ -222,7 +225,7 @@ py::object scan(const py::list& tensors, int64_t kind) {
       return py::none();
     }
     impls.push_back(t->unsafeGetTensorImpl());
-    if (kind == kWritesGrads) {
+    if (kind & kGraded) {
       const at::Tensor& g = t->grad();
       if (!g.defined()) {
         continue;
@@ -240,11 +243,11 @@ py::object scan(const py::list& tensors, int64_t kind) {
   if (std::adjacent_find(impls.begin(), impls.end()) != impls.end()) {
     return py::none();  // one tensor listed twice
   }
-  if (kind != kRead) {
+  if (kind & (kWritesParams | kWritesGradsFlag)) {
     std::vector<std::pair<uintptr_t, uintptr_t>> spans;
     spans.reserve(used_tensors.size());
     for (const at::Tensor* t : used_tensors) {
-      const at::Tensor& written = kind == kWritesGrads ? t->grad() : *t;
+      const at::Tensor& written = (kind & kWritesGradsFlag) ? t->grad() : *t;
       if (written.numel() > 0) {
         spans.push_back(span_of(written));
       }
@@ -270,7 +273,7 @@ py::object scan(const py::list& tensors, int64_t kind) {
     e[2 * k] = extent.numel;
     e[2 * k + 1] = extent.rows;
     bool contiguous = t.is_contiguous();
-    if (kind == kWritesGrads) {
+    if (kind & kWritesGradsFlag) {
       contiguous = contiguous && t.grad().is_contiguous();
     }
     auto it = std::find_if(groups.begin(), groups.end(), [&](const Group& g) {
@@ -330,6 +333,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.attr("READ") = static_cast<int64_t>(fastreg::kRead);
   m.attr("WRITES_PARAMS") = static_cast<int64_t>(fastreg::kWritesParams);
   m.attr("WRITES_GRADS") = static_cast<int64_t>(fastreg::kWritesGrads);
+  m.attr("WRITES_GRADED") = static_cast<int64_t>(fastreg::kWritesGraded);
   py::class_<Key>(m, "Key").def_property_readonly("hash", [](const Key& k) { return k.hash; });
   py::class_<PlanCache>(m, "PlanCache")
       .def(py::init<int64_t>(), py::arg("capacity"))

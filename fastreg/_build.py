@@ -355,9 +355,25 @@ def cpu_unavailable_reason() -> Optional[str]:
 
 
 def planner():
-    """The C++ planner module (``csrc/planner.cpp``), or None where the CPU extension cannot be
-    built (the Python planner then does its work)."""
+    """The C++ planner module (``csrc/planner.cpp``, part of the CPU extension, building it now
+    if needed), or None where the CPU extension cannot be built."""
     return CPU.module if CPU.ensure() is None else None
+
+
+def planner_if_loaded():
+    """The C++ planner module when the CPU extension is loaded already, else None (no build)."""
+    return CPU.module if CPU._done and CPU._error is None else None
+
+
+# Backends that are pure PyTorch: asking for one of them never starts a C++ build.
+PURE_BACKENDS = ("torch", "reference")
+
+
+def prepare_planner(backend: str) -> None:
+    """Builds the CPU extension (once per process) unless ``backend`` is pure PyTorch: every
+    other choice may need it, for its kernels or for the planner of its work layout."""
+    if backend not in PURE_BACKENDS and not CPU._done:
+        CPU.ensure()
 
 
 def cuda_unavailable_reason() -> Optional[str]:

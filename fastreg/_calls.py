@@ -1,103 +1,171 @@
-"""Prepared calls: a tensor list checked once, split by (device, dtype), each group given its
-backend, and the backend ops run over such a call.
+"""Prepared calls: a tensor list with its plan (:mod:`fastreg._plan`), and the backend ops run
+over it, group by group.
 
-A call is prepared in full before any op runs, so a bad tensor or a backend that refuses a group
+A call is planned in full before any op runs, so a bad tensor or a backend that refuses a group
 raises before anything is written. :mod:`fastreg.functional`, :mod:`fastreg.distributed` (on the
 local shards) and :class:`fastreg.Regularized` (which prepares every param group first) share it.
+
+A group whose backend runs from tables (``cpp``, ``cuda``, ``triton``) and whose tensors are
+contiguous runs its kernels from the plan's cached work-layout table: nothing per tensor in
+Python. Other groups (the pure-PyTorch backends, non-contiguous tensors, and every group while
+``torch.compile`` traces) call the backend's list ops.
 """
 from __future__ import annotations
 
+import operator
 from typing import List, NamedTuple, Optional, Sequence, Tuple
 
 import torch
 from torch import Tensor
 
-from . import _dispatch
+from . import _dispatch, _plan
+from ._plan import Group, Plan
 from .backends import Backend, Coefficients
+
+_GRAD = operator.attrgetter("grad")
 
 
 class Call(NamedTuple):
+    plan: Plan
     tensors: List[Tensor]
-    grads: Optional[List[Tensor]]
-    plan: List[Tuple[Backend, List[int]]]  # (backend, indices) per (device, dtype) group
+    """The call's list, as given (the plan says which of them the call works on)."""
 
 
-def prepare(tensors: List[Tensor], backend: Optional[str], with_grads: bool = False, writes_params: bool = False) -> Call:
-    """Check every tensor (``tensors`` come from :func:`_dispatch.tensor_list`) and choose
-    every group's backend before any work runs, so a bad call (or a backend that refuses a
-    group) changes nothing. ``with_grads`` keeps the tensors that have a ``.grad`` (whose
-    grads are written: they must not overlap); ``writes_params``: the tensors themselves
-    are written and must not overlap."""
-    _dispatch.check_backend_name(backend)
-    grads = None
-    if with_grads:
-        tensors, grads, indices = _dispatch.grads_of(tensors)
-    groups = _dispatch.split(tensors)
-    _dispatch.single_device([device for device, _, _ in groups])
-    if with_grads:
-        _dispatch.check_no_overlap(grads, "params", ".grad", indices)
-    if writes_params:
-        _dispatch.check_no_overlap(tensors, "params")
-    plan = [(_dispatch.backend_for(backend, device, dtype), indices) for device, dtype, indices in groups]
-    return Call(tensors, grads, plan)
+def prepare(tensors: List[Tensor], backend: Optional[str], with_grads: bool = False, writes_params: bool = False,
+            name: str = "params", devices: bool = False) -> Call:
+    """Plan a call over ``tensors`` (a list). ``with_grads``: the tensors with a ``.grad``, whose
+    grads are written; ``writes_params``: the tensors are written (with ``with_grads`` too: the
+    tensors that have a ``.grad`` are written, as an optimizer's decay does). ``devices``: the
+    tensors may span devices."""
+    if with_grads and writes_params:
+        kind = _plan.WRITES_GRADED
+    elif with_grads:
+        kind = _plan.WRITES_GRADS
+    elif writes_params:
+        kind = _plan.WRITES_PARAMS
+    else:
+        kind = _plan.READ
+    return Call(_plan.plan(tensors, backend, kind, name, devices), tensors)
 
 
-def total(values: List[Tensor], tensors: List[Tensor]) -> Tensor:
-    device = tensors[0].device if tensors else torch.device("cpu")
-    return _dispatch.total(values, _dispatch.result_dtype(tensors), device)
+def _params(call: Call, group: Group) -> List[Tensor]:
+    return group.pick(call.plan.tensors(call.tensors))
 
 
-def select(tensors: Sequence[Tensor], indices: List[int]) -> List[Tensor]:
-    return [tensors[i] for i in indices]
+def _table(call: Call, group: Group, row_groups: bool) -> Optional[Tensor]:
+    """The group's cached table when its kernels can run from one (else None: list ops)."""
+    if group.extents is None or not group.contiguous or torch.compiler.is_compiling():
+        return None
+
+    params = _params(call, group)
+    grads = list(map(_GRAD, params)) if call.plan.kind == _plan.WRITES_GRADS else None
+    return group.table(row_groups, params, grads)
+
+
+def _rows(coefs: Coefficients) -> bool:
+    return coefs.group_dim == 0 and coefs.group_lasso != 0.0
+
+
+def total(values: List[Tensor], plan: Plan) -> Tensor:
+    return _dispatch.total(values, plan.result_dtype, plan.device)
 
 
 class PenaltyFunction(torch.autograd.Function):
     """``P`` of one (device, dtype) group; the backward is one backend call for all its tensors."""
 
     @staticmethod
-    def forward(ctx, backend: Backend, coefs: Coefficients, *params: Tensor) -> Tensor:
-        ctx.backend, ctx.coefs = backend, coefs
+    def forward(ctx, call: Call, group: Group, coefs: Coefficients, *params: Tensor) -> Tensor:
+        ctx.backend, ctx.coefs = group.backend, coefs
         ctx.save_for_backward(*params)
-        return backend.value(list(params), coefs)
+        return _value(call, group, coefs, list(params))
 
     @staticmethod
     def backward(ctx, grad_output: Tensor):
         params = ctx.saved_tensors
         grads = ctx.backend.penalty_backward(list(params), grad_output, ctx.coefs)
-        grads = [g if needed else None for g, needed in zip(grads, ctx.needs_input_grad[2:])]
-        return (None, None, *grads)
+        grads = [g if needed else None for g, needed in zip(grads, ctx.needs_input_grad[3:])]
+        return (None, None, None, *grads)
+
+
+def _value(call: Call, group: Group, coefs: Coefficients, params: List[Tensor]) -> Tensor:
+    table = _table(call, group, _rows(coefs))
+    if table is None:
+        return group.backend.value(params, coefs)
+    return group.backend.table_ops(group.device).value(table, group.dtype, coefs.l1, coefs.l2, coefs.group_lasso)
 
 
 def penalty(call: Call, coefs: Coefficients) -> Tensor:
-    tensors, _, plan = call
-    return total([PenaltyFunction.apply(be, coefs, *select(tensors, idx)) for be, idx in plan], tensors)
+    values = []
+    for group in call.plan.groups:
+        params = _params(call, group)
+        values.append(PenaltyFunction.apply(call, group, coefs, *params))
+    return total(values, call.plan)
+
+
+def value(call: Call, coefs: Coefficients) -> Tensor:
+    """``P`` without autograd."""
+    return total([_value(call, group, coefs, _params(call, group)) for group in call.plan.groups], call.plan)
 
 
 def norms_parts(call: Call) -> Tuple[Tensor, Tensor]:
     """Per-tensor ``sum|w|`` and ``sum w^2`` of a prepared call, in its tensors' order."""
-    tensors, _, plan = call
-    dtype = _dispatch.result_dtype(tensors)
-    per_group = [be.norms(select(tensors, idx)) for be, idx in plan]
+    plan = call.plan
+    per_group = []
+    for group in plan.groups:
+        table = _table(call, group, False)
+        if table is None:
+            per_group.append(group.backend.norms(_params(call, group)))
+        else:
+            per_group.append(group.backend.table_ops(group.device).norms(table, group.dtype))
+    dtype = plan.result_dtype
     if len(per_group) == 1:
         return tuple(x.to(dtype) for x in per_group[0])
-    abs_parts, sq_parts = [None] * len(tensors), [None] * len(tensors)
-    for (_, idx), (group_abs, group_sq) in zip(plan, per_group):
-        for i, a, s in zip(idx, group_abs.to(dtype).unbind(), group_sq.to(dtype).unbind()):
-            abs_parts[i], sq_parts[i] = a, s
-    return torch.stack(abs_parts), torch.stack(sq_parts)
+    count = len(plan.tensors(call.tensors))
+    abs_sums = torch.empty(count, dtype=dtype, device=plan.device)
+    sq_sums = torch.empty(count, dtype=dtype, device=plan.device)
+    for group, (group_abs, group_sq) in zip(plan.groups, per_group):
+        where = torch.tensor(group.positions, device=plan.device)
+        abs_sums[where] = group_abs.to(device=plan.device, dtype=dtype)
+        sq_sums[where] = group_sq.to(device=plan.device, dtype=dtype)
+    return abs_sums, sq_sums
 
 
-def add_grad(call: Call, coefs: Coefficients) -> Tensor:
-    tensors, grads, plan = call
+def add_grad(call: Call, coefs: Coefficients, grads: Optional[Sequence[Tensor]] = None) -> Tensor:
+    """``grad += dP/dw`` for the call's tensors with a ``.grad`` (or into ``grads``, one per
+    tensor of the call, for a plan of tensors whose grads live elsewhere, as DTensors' local
+    shards do); returns ``P`` of those tensors."""
+    values = []
     with torch.no_grad():
-        values = [be.add_grad_(select(tensors, idx), select(grads, idx), coefs) for be, idx in plan]
-    return total(values, tensors)
+        for group in call.plan.groups:
+            table = None if grads is not None else _table(call, group, _rows(coefs))
+            if table is not None:
+                values.append(group.backend.table_ops(group.device).add_grad_(
+                    table, group.dtype, coefs.l1, coefs.l2, coefs.group_lasso))
+                continue
+            params = _params(call, group)
+            group_grads = list(map(_GRAD, params)) if grads is None else group.pick(list(grads))
+            values.append(group.backend.add_grad_(params, group_grads, coefs))
+    return total(values, call.plan)
 
 
 def decay(call: Call, lr, coefs: Coefficients) -> None:
     if coefs.is_zero():
         return
-    tensors, _, plan = call
     with torch.no_grad():
-        for be, idx in plan:
-            be.decay_(select(tensors, idx), lr, coefs)
+        for group in call.plan.groups:
+            table = _table(call, group, _rows(coefs))
+            if table is None:
+                group.backend.decay_(_params(call, group), lr, coefs)
+                continue
+            ops = group.backend.table_ops(group.device)
+            if isinstance(lr, Tensor):
+                ops.decay_(table, group.dtype, 0.0, lr, coefs.l1, coefs.l2, coefs.group_lasso)
+            else:
+                ops.decay_(table, group.dtype, float(lr), None, coefs.l1, coefs.l2, coefs.group_lasso)
+
+
+def penalty_backward(call: Call, group: Group, grad_output: Tensor, coefs: Coefficients) -> List[Tensor]:
+    return group.backend.penalty_backward(_params(call, group), grad_output, coefs)
+
+
+__all__ = ["Backend", "Call", "add_grad", "decay", "norms_parts", "penalty", "penalty_backward", "prepare", "total", "value"]

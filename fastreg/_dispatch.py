@@ -58,16 +58,29 @@ def check_lr(lr) -> Union[float, Tensor]:
     return check_coefficient("lr", lr)
 
 
-def tensor_list(params: TensorOrTensors, name: str = "params") -> List[Tensor]:
-    """``params`` as a list of checked tensors (a single tensor, a list or a generator)."""
+def as_list(params: TensorOrTensors, name: str = "params") -> List[Tensor]:
+    """``params`` (a single tensor, a list or any iterable) as a list; a list is taken as it is."""
+    if type(params) is list:
+        return params
     if isinstance(params, Tensor):
-        params = [params]
-    elif isinstance(params, dict):
+        return [params]
+    if isinstance(params, dict):
         raise TypeError(f"{name} must be a tensor or an iterable of tensors, got a dict; pass group['params']")
     try:
-        tensors = list(params)
+        return list(params)
     except TypeError:
         raise TypeError(f"{name} must be a tensor or an iterable of tensors, got {type(params).__name__}") from None
+
+
+def tensor_list(params: TensorOrTensors, name: str = "params") -> List[Tensor]:
+    """``params`` as a list of checked tensors (a single tensor, a list or a generator)."""
+    tensors = as_list(params, name)
+    check_tensors(tensors, name)
+    return tensors
+
+
+def check_tensors(tensors: Sequence[Tensor], name: str = "params") -> None:
+    """Refuse anything but distinct dense floating tensors with values, naming the first culprit."""
     for i, t in enumerate(tensors):
         if not isinstance(t, Tensor):
             raise TypeError(f"{name}[{i}] is a {type(t).__name__}, not a torch.Tensor")
@@ -86,7 +99,6 @@ def tensor_list(params: TensorOrTensors, name: str = "params") -> List[Tensor]:
             if t in seen:
                 raise ValueError(f"{name}[{i}] is the same tensor as {name}[{seen[t]}]; pass each tensor once")
             seen[t] = i
-    return tensors
 
 
 def single_device(group_devices: Sequence[torch.device], name: str = "params") -> None:
@@ -243,12 +255,16 @@ def backend_for(name: Optional[str], device: torch.device, dtype: torch.dtype) -
     return backend
 
 
-def check_backend_name(name: Optional[str]) -> None:
-    """Fail early on an unknown backend name (whether it can run is decided per group)."""
+def check_backend_name(name: Optional[str], origin: str = "backend") -> None:
+    """Fail early on an unknown backend name (whether it can run is decided per group);
+    ``origin`` names where the name came from (the argument, or ``FASTREG_BACKEND``)."""
     if name is not None and name != "auto":
         if not isinstance(name, str):
-            raise TypeError(f"backend must be a string, got {type(name).__name__}")
-        get_backend(name)
+            raise TypeError(f"{origin} must be a string, got {type(name).__name__}")
+        try:
+            get_backend(name)
+        except ValueError as error:
+            raise ValueError(f"{origin}: {error}" if origin != "backend" else str(error)) from None
 
 
 def result_dtype(tensors: Sequence[Tensor]) -> torch.dtype:

@@ -186,9 +186,8 @@ class _ShardedPenalty(torch.autograd.Function):
         shards = ctx.shards
         grads: List[Optional[Tensor]] = [torch.zeros_like(w) for w in shards.locals]
         for indices, call, c in _split_calls(shards, ctx.whole, ctx.coefs, ctx.backend):
-            for be, idx in call.plan:
-                chosen = [indices[j] for j in idx]
-                for i, g in zip(chosen, be.penalty_backward([shards.locals[i] for i in chosen], grad_output, c)):
+            for group in call.plan.groups:
+                for i, g in zip(group.pick(indices), _calls.penalty_backward(call, group, grad_output, c)):
                     grads[i] = g
         if ctx.whole:
             extra = _group_lasso_gradient([shards.locals[i] for i in ctx.whole], ctx.norms, ctx.coefs.group_lasso)
@@ -221,7 +220,7 @@ def add_penalty_grad_(tensors: Sequence[Tensor], coefs: Coefficients, backend: O
     with torch.no_grad():
         value, whole, norms = _value_and_norms(shards, coefs, backend)
         for chosen, call, c in _split_calls(shards, whole, coefs, backend):
-            _calls.add_grad(call._replace(grads=[local_grads[i] for i in chosen]), c)
+            _calls.add_grad(call, c, grads=[local_grads[i] for i in chosen])
         if whole:
             extra = _group_lasso_gradient([shards.locals[i] for i in whole], norms, coefs.group_lasso)
             targets = [local_grads[i] for i in whole]

@@ -61,10 +61,10 @@ def penalty(
     gradients sharded like the parameters (:mod:`fastreg.distributed`).
     """
     coefs = _dispatch.make_coefficients(l1, l2, group_lasso, group_dim)
-    tensors = _dispatch.tensor_list(params)
-    if distributed.any_dtensor(tensors):
-        return distributed.penalty(tensors, coefs, backend)
-    return _calls.penalty(_calls.prepare(tensors, backend), coefs)
+    call = _calls.prepare(_dispatch.as_list(params), backend)
+    if call.plan.sharded:
+        return distributed.penalty(call.tensors, coefs, backend)
+    return _calls.penalty(call, coefs)
 
 
 def norms(params: TensorOrTensors, *, backend: Optional[str] = None) -> Norms:
@@ -72,12 +72,11 @@ def norms(params: TensorOrTensors, *, backend: Optional[str] = None) -> Norms:
 
     For sharded parameters (DTensors) these are the norms of the whole tensors, on every rank.
     """
-    tensors = _dispatch.tensor_list(params)
-    if distributed.any_dtensor(tensors):
-        return Norms(*distributed.norms(tensors, backend))
-    call = _calls.prepare(tensors, backend)
-    dtype = _dispatch.result_dtype(tensors)
-    if not tensors:
+    call = _calls.prepare(_dispatch.as_list(params), backend)
+    if call.plan.sharded:
+        return Norms(*distributed.norms(call.tensors, backend))
+    if not call.tensors:
+        dtype = call.plan.result_dtype
         zero, empty = torch.zeros((), dtype=dtype), torch.zeros(0, dtype=dtype)
         return Norms(zero, zero, empty, empty)
     with torch.no_grad():
@@ -103,10 +102,10 @@ def add_penalty_grad_(
     on the order of the writes.
     """
     coefs = _dispatch.make_coefficients(l1, l2, group_lasso, group_dim)
-    tensors = _dispatch.tensor_list(params)
-    if distributed.any_dtensor(tensors):
-        return distributed.add_penalty_grad_(tensors, coefs, backend)
-    return _calls.add_grad(_calls.prepare(tensors, backend, with_grads=True), coefs)
+    call = _calls.prepare(_dispatch.as_list(params), backend, with_grads=True)
+    if call.plan.sharded:
+        return distributed.add_penalty_grad_(call.tensors, coefs, backend)
+    return _calls.add_grad(call, coefs)
 
 
 def decay_(
@@ -130,7 +129,7 @@ def decay_(
     """
     coefs = _dispatch.make_coefficients(l1, l2, group_lasso, group_dim)
     lr = _dispatch.check_lr(lr)
-    tensors = _dispatch.tensor_list(params)
-    if distributed.any_dtensor(tensors):
-        return distributed.decay_(tensors, lr, coefs, backend)
-    _calls.decay(_calls.prepare(tensors, backend, writes_params=True), lr, coefs)
+    call = _calls.prepare(_dispatch.as_list(params), backend, writes_params=True)
+    if call.plan.sharded:
+        return distributed.decay_(call.tensors, lr, coefs, backend)
+    _calls.decay(call, lr, coefs)

@@ -20,7 +20,7 @@ STATE_KEY = "fastreg"
 class _Part(NamedTuple):
     """The tensors of one param group on one device (or mesh), prepared for a step."""
 
-    tensors: List[Tensor]
+    tensors: Optional[List[Tensor]]  # the tensors of a sharded part (None: the call's)
     call: Optional[_calls.Call]  # None for sharded (DTensor) tensors
     coefs: Coefficients
     group: Dict[str, Any]  # its param group, whose current "lr" the decay reads
@@ -196,15 +196,21 @@ class Regularized(torch.optim.Optimizer):
         model may span devices) and by device mesh for sharded (DTensor) params.
         """
         parts = []
-        for group in self.param_groups:
+        for index, group in enumerate(self.param_groups):
             coefs = self._coefficients(group)
             if coefs.is_zero():
                 continue
-            for tensors, sharded in _places([t for t in group["params"] if t.grad is not None]):
+            params = _dispatch.as_list(group["params"])
+            name = f"param_groups[{index}]['params']"
+            # Coupled mode writes the grads of the params that have one; decoupled mode those params.
+            call = _calls.prepare(params, self.backend, with_grads=True, writes_params=writes_params, name=name, devices=True)
+            if not call.plan.sharded:
+                parts.append(_Part(None, call, coefs, group))
+                continue
+            for tensors, sharded in _places([t for t in params if t.grad is not None]):
                 # The distributed path validates as it runs, before any write.
-                call = None if sharded else _calls.prepare(
-                    _dispatch.tensor_list(tensors), self.backend, with_grads=with_grads, writes_params=writes_params
-                )
+                call = None if sharded else _calls.prepare(tensors, self.backend, with_grads=with_grads,
+                                                           writes_params=writes_params, name=name)
                 parts.append(_Part(tensors, call, coefs, group))
         return parts
 

@@ -467,7 +467,7 @@ def test_a_bad_later_group_fails_the_step_before_any_write(mode):
     torch.nn.functional.mse_loss(model(x), y).backward()
     if mode == "coupled":
         model[2].bias.grad = model[2].weight.grad.view(-1)[:3]  # one buffer behind two grads
-        error = r"params\[1\].grad shares memory with params\[0\].grad"
+        error = r"param_groups\[1\]\['params'\]\[1\].grad shares memory with param_groups\[1\]\['params'\]\[0\].grad"
     else:
         opt.param_groups[1]["lr"] = -1.0
         error = "lr must be non-negative"

@@ -71,6 +71,27 @@ class Backend(abc.ABC):
         backend that only emulates a device, like Triton's CPU interpreter, says no)."""
         return True
 
+    def table_ops(self, device: torch.device):
+        """The kernels that run from a plan's work-layout table (``csrc/plan.h``, with the
+        tensors' addresses) on ``device``, with no Python work per tensor: an object with
+        ``norms(table, dtype)``, ``value(table, dtype, l1, l2, group_lasso)``,
+        ``add_grad_(table, dtype, l1, l2, group_lasso)`` and
+        ``decay_(table, dtype, lr, lr_tensor, l1, l2, group_lasso)``, the same ops as below.
+        None for a backend that takes tensor lists only."""
+        return None
+
+    def runs_tables(self, device: torch.device) -> bool:
+        return self.table_ops(device) is not None
+
+    def layout_limits(self, device: torch.device) -> Tuple[int, int]:
+        """Elements per work item and most groups packed into one item (0: no limit) of this
+        backend's work layout on ``device``."""
+        return 1 << 16, 0
+
+    def table_to_device(self, host: Tensor, device: torch.device) -> Tensor:
+        """A plan's table (built on the host) where this backend's kernels read it."""
+        return host
+
     @abc.abstractmethod
     def norms(self, params: List[Tensor]) -> Tuple[Tensor, Tensor]:
         """Per-tensor ``sum|w_t|`` and ``sum w_t^2``: two 1-D tensors of length T, accumulate dtype."""

@@ -31,3 +31,7 @@ class CppBackend(ExtensionBackend):
 
     def extension_unavailable_reason(self) -> Optional[str]:
         return _build.cpu_unavailable_reason()
+
+    def table_ops(self, device: torch.device):
+        # The planner module binds the CPU kernels over a table (csrc/planner.cpp).
+        return _build.planner() if torch.device(device).type == "cpu" else None
