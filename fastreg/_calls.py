@@ -56,7 +56,9 @@ def _table(call: Call, group: Group, row_groups: bool) -> Optional[Tensor]:
     """The group's cached table when its kernels can run from one (else None: list ops)."""
     if group.extents is None or not group.contiguous or torch.compiler.is_compiling():
         return None
-
+    table = group.tables.get(row_groups)
+    if table is not None:
+        return table
     params = _params(call, group)
     grads = list(map(_GRAD, params)) if call.plan.kind == _plan.WRITES_GRADS else None
     return group.table(row_groups, params, grads)

@@ -95,18 +95,16 @@ class Group:
     """Work-layout tables by row grouping, on the device the backend's kernels read them from."""
 
     def table(self, row_groups: bool, tensors: Sequence[Tensor], grads: Optional[Sequence[Tensor]]) -> Tensor:
-        """This group's work layout (row groups for group lasso over ``group_dim=0``), with the
-        addresses of ``tensors`` (and ``grads``): built on first use, then reused as is (a plan
-        applies only to tensors at the addresses it was keyed on)."""
-        table = self.tables.get(row_groups)
-        if table is None:
-            planner = _build.planner()
-            chunk, max_groups = self.backend.layout_limits(self.device)
-            host = planner.layout(self.extents, row_groups, 1 if grads is None else 2, chunk, max_groups)
-            planner.set_ptrs(host, 0, list(tensors))
-            if grads is not None:
-                planner.set_ptrs(host, 1, list(grads))
-            table = self.tables[row_groups] = self.backend.table_to_device(host, self.device)
+        """This group's work layout (row groups for group lasso over ``group_dim=0``) with the
+        addresses of ``tensors`` (and ``grads``), built now and kept in ``tables``: a plan
+        applies only to tensors at the addresses it was keyed on."""
+        planner = _build.planner()
+        chunk, max_groups = self.backend.layout_limits(self.device)
+        host = planner.layout(self.extents, row_groups, 1 if grads is None else 2, chunk, max_groups)
+        planner.set_ptrs(host, 0, list(tensors))
+        if grads is not None:
+            planner.set_ptrs(host, 1, list(grads))
+        table = self.tables[row_groups] = self.backend.table_to_device(host, self.device)
         return table
 
 

@@ -1,0 +1,219 @@
+"""Cached plans (fastreg/_plan.py): reused for the same tensors, never for changed ones.
+
+Every case runs with the C++ planner (the key computed in C++, the ``cpp`` backend's kernels run
+from the plan's table) and with the Python planner (what runs where the C++ extension is not
+built), each checked against the reference backend on fresh copies.
+"""
+from __future__ import annotations
+
+import gc
+
+import pytest
+import torch
+
+import fastreg
+from fastreg import _build, _calls, _plan
+from reference import COEFS, assert_bitwise_equal
+
+BACKENDS = ["cpp", "torch"]
+
+
+@pytest.fixture(params=["cpp-planner", "python-planner"])
+def planner(request, monkeypatch):
+    if request.param == "python-planner":
+        monkeypatch.setattr(_build, "planner_if_loaded", lambda: None)
+    else:
+        assert _build.planner() is not None
+    _plan.clear()
+    yield request.param
+    _plan.clear()
+
+
+def grads_after(params, backend, **coefs):
+    value = fastreg.add_penalty_grad_(params, backend=backend, **coefs)
+    return value, [p.grad.clone() if p.grad is not None else None for p in params]
+
+
+def reference_grads(params, **coefs):
+    copies = []
+    for p in params:
+        c = p.detach().clone().requires_grad_()
+        c.grad = None if p.grad is None else p.grad.clone()
+        copies.append(c)
+    return grads_after(copies, "reference", **coefs)
+
+
+def check_grads(params, backend, **coefs):
+    expected = reference_grads(params, **coefs)
+    value, grads = grads_after(params, backend, **coefs)
+    torch.testing.assert_close(value, expected[0])
+    for got, want in zip(grads, expected[1]):
+        if want is None:
+            assert got is None
+        else:
+            torch.testing.assert_close(got, want)
+
+
+def make(shapes, seed=0, grad=True):
+    generator = torch.Generator().manual_seed(seed)
+    params = [torch.randn(s, generator=generator).requires_grad_() for s in shapes]
+    if grad:
+        for p in params:
+            p.grad = torch.randn(p.shape, generator=generator)
+    return params
+
+
+SHAPES = [(3, 5), (7,), (), (2, 3, 4), (70000,)]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_the_same_list_reuses_its_plan(planner, backend):
+    params = make(SHAPES)
+    first = _calls.prepare(params, backend, with_grads=True).plan
+    assert _calls.prepare(params, backend, with_grads=True).plan is first
+    assert _calls.prepare(list(params), backend, with_grads=True).plan is first  # a new list of the same tensors
+    assert _calls.prepare(params, backend).plan is not first  # another kind of call
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_a_cached_call_gives_the_bits_of_a_fresh_one(planner, backend):
+    params = make(SHAPES)
+    for coefs in COEFS.values():
+        kwargs = dict(l1=coefs.l1, l2=coefs.l2, group_lasso=coefs.group_lasso, group_dim=coefs.group_dim)
+        _plan.clear()
+        fresh = fastreg.norms(params, backend=backend), fastreg.penalty(params, backend=backend, **kwargs)
+        cached = fastreg.norms(params, backend=backend), fastreg.penalty(params, backend=backend, **kwargs)
+        assert_bitwise_equal(list(fresh[0]) + [fresh[1]], list(cached[0]) + [cached[1]])
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_a_swapped_grad_gets_a_new_plan(planner, backend):
+    params = make(SHAPES)
+    check_grads(params, backend, l1=0.1, l2=0.2)
+    old = params[1].grad
+    params[1].grad = torch.randn(7)
+    kept = old.clone()
+    check_grads(params, backend, l1=0.1, l2=0.2)
+    assert torch.equal(old, kept), "the replaced grad was written"
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_grads_set_to_none_and_back(planner, backend):
+    params = make(SHAPES)
+    check_grads(params, backend, l2=0.5)
+    params[0].grad = None
+    check_grads(params, backend, l2=0.5)
+    params[0].grad = torch.ones(3, 5)
+    check_grads(params, backend, l2=0.5)
+
+
+@pytest.mark.parametrize("change", ["resize", "redtype", "replace"])
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_a_changed_tensor_gets_a_new_plan(planner, backend, change):
+    params = make(SHAPES)
+    fastreg.decay_(params, lr=0.1, l1=0.01, l2=0.1, backend=backend)
+    with torch.no_grad():
+        if change == "resize":
+            params[3].data = torch.randn(5, 5)
+        elif change == "redtype":
+            params[3].data = params[3].data.double()
+        else:
+            params[3].data = torch.randn(2, 3, 4)
+    expected = [p.detach().clone() for p in params]
+    fastreg.decay_(expected, lr=0.1, l1=0.01, l2=0.1, group_lasso=0.3, backend="reference")
+    fastreg.decay_(params, lr=0.1, l1=0.01, l2=0.1, group_lasso=0.3, backend=backend)
+    for got, want in zip(params, expected):
+        torch.testing.assert_close(got.detach(), want)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_a_freed_tensor_and_its_address_reused(planner, backend):
+    """A plan holds addresses and sizes, not objects: a new tensor at a freed one's address,
+    with its sizes, may use the plan, and must get the right result."""
+    params = make([(1000,), (300,), (5, 7)])
+    fastreg.norms(params, backend=backend)
+    address = params[1].data_ptr()
+    del params[1]
+    gc.collect()
+    for _ in range(20):
+        fresh = torch.randn(300)
+        if fresh.data_ptr() == address:
+            break
+    params.insert(1, fresh)
+    got = fastreg.norms(params, backend=backend)
+    want = fastreg.norms(params, backend="reference")
+    torch.testing.assert_close(got.tensor_l1, want.tensor_l1)
+    torch.testing.assert_close(got.tensor_l2, want.tensor_l2)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_a_reordered_list_gets_its_own_order(planner, backend):
+    params = make(SHAPES, grad=False)
+    forward = fastreg.norms(params, backend=backend).tensor_l1
+    backward = fastreg.norms(params[::-1], backend=backend).tensor_l1
+    assert torch.equal(forward.flip(0), backward)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_views_of_one_buffer(planner, backend):
+    buffer = torch.randn(100)
+    disjoint = [buffer[:40].view(8, 5), buffer[40:]]
+    expected = [v.clone() for v in disjoint]
+    for _ in range(2):  # the second call runs from the cached plan
+        fastreg.decay_(expected, lr=0.5, l1=0.1, backend="reference")
+        fastreg.decay_(disjoint, lr=0.5, l1=0.1, backend=backend)
+        torch.testing.assert_close(disjoint, expected)
+    overlapping = [buffer[:40], buffer[30:60]]
+    for _ in range(2):  # refused every time: an invalid list is never cached as valid
+        with pytest.raises(ValueError, match=r"params\[1\] shares memory with params\[0\]"):
+            fastreg.decay_(overlapping, lr=0.5, l1=0.1, backend=backend)
+    interleaved = [buffer.view(50, 2)[:, 0], buffer.view(50, 2)[:, 1]]  # ranges meet, elements do not
+    expected = [v.clone() for v in interleaved]
+    for _ in range(2):
+        fastreg.decay_(expected, lr=0.5, l1=0.1, backend="reference")
+        fastreg.decay_(interleaved, lr=0.5, l1=0.1, backend=backend)
+        torch.testing.assert_close(list(interleaved), expected)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_the_same_tensor_twice_is_refused_every_time(planner, backend):
+    a = torch.randn(5)
+    for _ in range(2):
+        with pytest.raises(ValueError, match=r"params\[1\] is the same tensor as params\[0\]"):
+            fastreg.norms([a, a], backend=backend)
+    views = [a.view(-1), a.view(-1)]  # two views of one tensor are two tensors to a read
+    torch.testing.assert_close(fastreg.norms(views, backend=backend).l1, 2 * a.abs().sum())
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_non_contiguous_tensors(planner, backend):
+    params = [t.requires_grad_() for t in (torch.randn(6, 4).t(), torch.randn(10)[::2])]
+    for p in params:
+        p.grad = torch.randn(p.shape).t().contiguous().t() if p.dim() == 2 else torch.randn(p.shape)
+    for _ in range(2):
+        check_grads(params, backend, l1=0.1, l2=0.3, group_lasso=0.2, group_dim=0)
+
+
+def test_a_cached_call_runs_no_python_per_tensor(planner, monkeypatch):
+    """From a cached plan, the cpp backend's kernels take the plan's table: the tensors of the
+    call are never selected, nor their grads read, in Python."""
+    if planner == "python-planner":
+        pytest.skip("without the C++ planner, kernels take tensor lists")
+    params = make(SHAPES)
+    fastreg.add_penalty_grad_(params, l1=0.1, backend="cpp")
+    fastreg.norms(params, backend="cpp")
+    fastreg.decay_(params, lr=0.1, l1=0.1, backend="cpp")
+
+    def refuse(*args):
+        raise AssertionError("a cached call selected its tensors in Python")
+
+    monkeypatch.setattr(_calls, "_params", refuse)
+    fastreg.add_penalty_grad_(params, l1=0.1, backend="cpp")
+    fastreg.norms(params, backend="cpp")
+    fastreg.decay_(params, lr=0.1, l1=0.1, backend="cpp")
+
+
+def test_the_cache_is_bounded(planner):
+    for seed in range(_plan.CACHE_SIZE + 5):
+        fastreg.norms(make([(3,)], seed=seed, grad=False), backend="torch")
+    assert _plan.stats()["plans"] <= _plan.CACHE_SIZE
