@@ -29,6 +29,8 @@ class Call(NamedTuple):
     plan: Plan
     tensors: List[Tensor]
     """The call's list, as given (the plan says which of them the call works on)."""
+    backend: Optional[str]
+    devices: bool
 
 
 def prepare(tensors: List[Tensor], backend: Optional[str], with_grads: bool = False, writes_params: bool = False,
@@ -45,7 +47,7 @@ def prepare(tensors: List[Tensor], backend: Optional[str], with_grads: bool = Fa
         kind = _plan.WRITES_PARAMS
     else:
         kind = _plan.READ
-    return Call(_plan.plan(tensors, backend, kind, name, devices), tensors)
+    return Call(_plan.plan(tensors, backend, kind, name, devices), tensors, backend, devices)
 
 
 def _params(call: Call, group: Group) -> List[Tensor]:
@@ -96,7 +98,27 @@ def _value(call: Call, group: Group, coefs: Coefficients, params: List[Tensor]) 
     return group.backend.table_ops(group.device).value(table, group.dtype, coefs.l1, coefs.l2, coefs.group_lasso)
 
 
+def _places(call: Call) -> List[Tuple[List[Tensor], Optional[Call]]]:
+    """A sharded call's tensors by place: (DTensors of one device mesh, None), which
+    :mod:`fastreg.distributed` computes, and (regular tensors of one device, their call), for
+    an optimizer's param group that mixes them."""
+    from . import distributed
+
+    if not call.devices:
+        return [(call.tensors, None)]
+    tensors = call.plan.tensors(call.tensors)
+    kind = call.plan.kind
+    return [(place, None if sharded else Call(_plan.plan(place, call.backend, kind, call.plan.name, True), place,
+                                              call.backend, True))
+            for place, sharded in distributed.places(tensors)]
+
+
 def penalty(call: Call, coefs: Coefficients) -> Tensor:
+    if call.plan.sharded:
+        from . import distributed
+
+        return _sharded_total([distributed.penalty(ts, coefs, call.backend) if c is None else penalty(c, coefs)
+                               for ts, c in _places(call)])
     values = []
     for group in call.plan.groups:
         params = _params(call, group)
@@ -109,9 +131,18 @@ def value(call: Call, coefs: Coefficients) -> Tensor:
     return total([_value(call, group, coefs, _params(call, group)) for group in call.plan.groups], call.plan)
 
 
+def _sharded_total(values: List[Tensor]) -> Tensor:
+    return _dispatch.total(values, _dispatch.result_dtype(values), values[0].device)
+
+
 def norms_parts(call: Call) -> Tuple[Tensor, Tensor]:
-    """Per-tensor ``sum|w|`` and ``sum w^2`` of a prepared call, in its tensors' order."""
+    """Per-tensor ``sum|w|`` and ``sum w^2`` of a prepared call, in its tensors' order (of
+    whole tensors, on every rank, for sharded ones)."""
     plan = call.plan
+    if plan.sharded:
+        from . import distributed
+
+        return distributed.norm_sums(call.tensors, call.backend)
     per_group = []
     for group in plan.groups:
         table = _table(call, group, False)
@@ -136,6 +167,11 @@ def add_grad(call: Call, coefs: Coefficients, grads: Optional[Sequence[Tensor]] 
     """``grad += dP/dw`` for the call's tensors with a ``.grad`` (or into ``grads``, one per
     tensor of the call, for a plan of tensors whose grads live elsewhere, as DTensors' local
     shards do); returns ``P`` of those tensors."""
+    if call.plan.sharded:
+        from . import distributed
+
+        return _sharded_total([distributed.add_penalty_grad_(ts, coefs, call.backend) if c is None else add_grad(c, coefs)
+                               for ts, c in _places(call)])
     values = []
     with torch.no_grad():
         for group in call.plan.groups:
@@ -152,6 +188,15 @@ def add_grad(call: Call, coefs: Coefficients, grads: Optional[Sequence[Tensor]] 
 
 def decay(call: Call, lr, coefs: Coefficients) -> None:
     if coefs.is_zero():
+        return
+    if call.plan.sharded:
+        from . import distributed
+
+        for tensors, c in _places(call):
+            if c is None:
+                distributed.decay_(tensors, lr, coefs, call.backend)
+            else:
+                decay(c, lr, coefs)
         return
     with torch.no_grad():
         for group in call.plan.groups:

@@ -186,8 +186,9 @@ def _python_plan(kind: int, name: str, tensors: List[Tensor], backend: Optional[
     from . import distributed
 
     if distributed.any_dtensor(tensors):
-        return Plan(kind=kind, name=name, count=len(tensors), used=None, groups=[], sharded=True,
-                    result_dtype=_dispatch.result_dtype(tensors), device=tensors[0].device)
+        used = [i for i, t in enumerate(tensors) if t.grad is not None] if kind & _GRADED else None
+        return Plan(kind=kind, name=name, count=len(tensors), used=used, groups=[], sharded=True,
+                    result_dtype=_dispatch.result_dtype(tensors), device=tensors[0].device, pick=_picker(used))
     used = None
     grads = None
     chosen = tensors

@@ -32,7 +32,7 @@ import torch
 from torch import Tensor
 
 from . import _calls, _dispatch
-from .backends import Coefficients, accumulate_dtype
+from ._dispatch import Coefficients, accumulate_dtype
 
 try:
     from torch.distributed.tensor import DTensor
@@ -105,12 +105,23 @@ def _local_norms(shards: _Shards, backend: Optional[str]) -> Tuple[Tensor, Tenso
     return _mask(abs_sums, shards.owned), _mask(sq_sums, shards.owned)
 
 
-def norms(tensors: Sequence[Tensor], backend: Optional[str]) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
-    """The fields of :class:`fastreg.functional.Norms` of whole tensors, on every rank."""
+def norm_sums(tensors: Sequence[Tensor], backend: Optional[str]) -> Tuple[Tensor, Tensor]:
+    """Per-tensor ``sum|w|`` and ``sum w^2`` of whole tensors, on every rank."""
     shards = _shards(tensors, None)
     with torch.no_grad():
         abs_sums, sq_sums = _all_reduce(shards.mesh, list(_local_norms(shards, backend)))
-    return abs_sums.sum(), sq_sums.sum(), abs_sums, sq_sums.sqrt()
+    return abs_sums, sq_sums
+
+
+def places(tensors: Sequence[Tensor]) -> List[Tuple[List[Tensor], bool]]:
+    """``tensors`` (an optimizer's param group, which may span devices and meshes) split by
+    device mesh for DTensors and by device for regular tensors, as ``(tensors, sharded)``
+    pairs in order of first appearance."""
+    by_place: dict = {}
+    for t in tensors:
+        key = t.device_mesh if isinstance(t, DTensor) else t.device
+        by_place.setdefault(key, []).append(t)
+    return [(place, isinstance(place[0], DTensor)) for place in by_place.values()]
 
 
 def _whole_tensor_groups(shards: _Shards, coefs: Coefficients) -> List[int]:

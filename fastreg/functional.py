@@ -16,7 +16,7 @@ from typing import NamedTuple, Optional
 import torch
 from torch import Tensor
 
-from . import _calls, _dispatch, distributed
+from . import _calls, _dispatch
 from ._dispatch import TensorOrTensors
 
 
@@ -61,10 +61,7 @@ def penalty(
     gradients sharded like the parameters (:mod:`fastreg.distributed`).
     """
     coefs = _dispatch.make_coefficients(l1, l2, group_lasso, group_dim)
-    call = _calls.prepare(_dispatch.as_list(params), backend)
-    if call.plan.sharded:
-        return distributed.penalty(call.tensors, coefs, backend)
-    return _calls.penalty(call, coefs)
+    return _calls.penalty(_calls.prepare(_dispatch.as_list(params), backend), coefs)
 
 
 def norms(params: TensorOrTensors, *, backend: Optional[str] = None) -> Norms:
@@ -73,8 +70,6 @@ def norms(params: TensorOrTensors, *, backend: Optional[str] = None) -> Norms:
     For sharded parameters (DTensors) these are the norms of the whole tensors, on every rank.
     """
     call = _calls.prepare(_dispatch.as_list(params), backend)
-    if call.plan.sharded:
-        return Norms(*distributed.norms(call.tensors, backend))
     if not call.tensors:
         dtype = call.plan.result_dtype
         zero, empty = torch.zeros((), dtype=dtype), torch.zeros(0, dtype=dtype)
@@ -102,10 +97,7 @@ def add_penalty_grad_(
     on the order of the writes.
     """
     coefs = _dispatch.make_coefficients(l1, l2, group_lasso, group_dim)
-    call = _calls.prepare(_dispatch.as_list(params), backend, with_grads=True)
-    if call.plan.sharded:
-        return distributed.add_penalty_grad_(call.tensors, coefs, backend)
-    return _calls.add_grad(call, coefs)
+    return _calls.add_grad(_calls.prepare(_dispatch.as_list(params), backend, with_grads=True), coefs)
 
 
 def decay_(
@@ -129,7 +121,4 @@ def decay_(
     """
     coefs = _dispatch.make_coefficients(l1, l2, group_lasso, group_dim)
     lr = _dispatch.check_lr(lr)
-    call = _calls.prepare(_dispatch.as_list(params), backend, writes_params=True)
-    if call.plan.sharded:
-        return distributed.decay_(call.tensors, lr, coefs, backend)
-    _calls.decay(call, lr, coefs)
+    _calls.decay(_calls.prepare(_dispatch.as_list(params), backend, writes_params=True), lr, coefs)

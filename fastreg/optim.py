@@ -3,14 +3,13 @@ from __future__ import annotations
 
 import warnings
 from collections import OrderedDict
-from typing import Any, Callable, Dict, List, NamedTuple, Optional, Tuple
+from typing import Any, Callable, Dict, List, NamedTuple, Optional
 
 import torch
 from torch import Tensor
 
-from . import _dispatch
-from .backends import Coefficients
-from . import _calls, distributed
+from . import _calls, _dispatch
+from ._dispatch import Coefficients
 
 MODES = ("coupled", "decoupled")
 COEFFICIENT_KEYS = ("l1", "l2", "group_lasso")
@@ -18,23 +17,11 @@ STATE_KEY = "fastreg"
 
 
 class _Part(NamedTuple):
-    """The tensors of one param group on one device (or mesh), prepared for a step."""
+    """The tensors of one param group, prepared for a step."""
 
-    tensors: Optional[List[Tensor]]  # the tensors of a sharded part (None: the call's)
-    call: Optional[_calls.Call]  # None for sharded (DTensor) tensors
+    call: _calls.Call
     coefs: Coefficients
     group: Dict[str, Any]  # its param group, whose current "lr" the decay reads
-
-
-def _places(tensors: List[Tensor]) -> List[Tuple[List[Tensor], bool]]:
-    """``tensors`` split by device, and sharded (DTensor) ones by device mesh, as
-    ``(tensors, sharded)`` pairs in order of first appearance."""
-    sharded = distributed.any_dtensor(tensors)
-    by_place: Dict[Any, List[Tensor]] = {}
-    for t in tensors:
-        key = t.device_mesh if sharded and isinstance(t, distributed.DTensor) else t.device
-        by_place.setdefault(key, []).append(t)
-    return [(place, sharded and isinstance(place[0], distributed.DTensor)) for place in by_place.values()]
 
 
 class Regularized(torch.optim.Optimizer):
@@ -187,68 +174,44 @@ class Regularized(torch.optim.Optimizer):
     def _coefficients(self, group: Dict[str, Any]) -> Coefficients:
         return _dispatch.make_coefficients(group_dim=self.group_dim, **{key: group[key] for key in COEFFICIENT_KEYS})
 
-    def _prepare(self, with_grads: bool, writes_params: bool) -> List[_Part]:
+    def _prepare(self, writes_params: bool) -> List[_Part]:
         """Check every param group and prepare its calls before any runs, so that a bad
         tensor in a later group raises before an earlier group is touched.
 
         Like torch's optimizers, only params that have a gradient are regularized (frozen
-        or unused params are neither updated nor decayed). Params are split by device (a
-        model may span devices) and by device mesh for sharded (DTensor) params.
+        or unused params are neither updated nor decayed): coupled mode writes their grads,
+        decoupled mode (``writes_params``) the params. A param group may span devices, and
+        device meshes for sharded (DTensor) params.
         """
         parts = []
         for index, group in enumerate(self.param_groups):
             coefs = self._coefficients(group)
             if coefs.is_zero():
                 continue
-            params = _dispatch.as_list(group["params"])
-            name = f"param_groups[{index}]['params']"
-            # Coupled mode writes the grads of the params that have one; decoupled mode those params.
-            call = _calls.prepare(params, self.backend, with_grads=True, writes_params=writes_params, name=name, devices=True)
-            if not call.plan.sharded:
-                parts.append(_Part(None, call, coefs, group))
-                continue
-            for tensors, sharded in _places([t for t in params if t.grad is not None]):
-                # The distributed path validates as it runs, before any write.
-                call = None if sharded else _calls.prepare(tensors, self.backend, with_grads=with_grads,
-                                                           writes_params=writes_params, name=name)
-                parts.append(_Part(tensors, call, coefs, group))
+            call = _calls.prepare(_dispatch.as_list(group["params"]), self.backend, with_grads=True,
+                                  writes_params=writes_params, name=f"param_groups[{index}]['params']", devices=True)
+            parts.append(_Part(call, coefs, group))
         return parts
-
-    def _penalty(self, part: _Part) -> Tensor:
-        if part.call is None:
-            return distributed.penalty(part.tensors, part.coefs, self.backend)
-        return _calls.penalty(part.call, part.coefs)
-
-    def _add_grad(self, part: _Part) -> Tensor:
-        if part.call is None:
-            return distributed.add_penalty_grad_(part.tensors, part.coefs, self.backend)
-        return _calls.add_grad(part.call, part.coefs)
 
     def _decay_parts(self, parts: List[_Part], coefs_of: Callable[[Coefficients], Coefficients]) -> None:
         """Decay every part with its group's current lr, all checked before the first write."""
         lrs = [_dispatch.check_lr(part.group["lr"]) for part in parts]
         for part, lr in zip(parts, lrs):
-            coefs = coefs_of(part.coefs)
-            if coefs.is_zero():
-                continue
-            if part.call is None:
-                distributed.decay_(part.tensors, lr, coefs, self.backend)
-            else:
-                _calls.decay(part.call, lr, coefs)
+            _calls.decay(part.call, lr, coefs_of(part.coefs))
 
     def _record(self, values: List[Tensor]) -> None:
         self._log["last_penalty"] = _dispatch.total(values, _dispatch.result_dtype(values), values[0].device) if values else None
 
     def _add_penalty_grads(self) -> None:
-        self._record([self._add_grad(part) for part in self._prepare(with_grads=True, writes_params=False)])
+        self._record([_calls.add_grad(part.call, part.coefs) for part in self._prepare(writes_params=False)])
 
     def _decay_before(self) -> List[_Part]:
         """AdamW's multiplicative decay, before the inner step; returns the prepared calls,
         which :meth:`_prox_after` reuses (the inner step changes values, not tensors)."""
-        parts = self._prepare(with_grads=False, writes_params=True)
+        parts = self._prepare(writes_params=True)
         if self.track_penalty:
             with torch.no_grad():
-                self._record([self._penalty(part) for part in parts])
+                self._record([_calls.penalty(part.call, part.coefs) for part in parts])
         self._decay_parts(parts, lambda coefs: coefs.replace(l1=0.0, group_lasso=0.0))
         return parts
 
@@ -269,7 +232,7 @@ class Regularized(torch.optim.Optimizer):
             prepared: List[List[_Part]] = []
             loss = self.optimizer.step(self._decoupled_closure(closure, prepared))
             # A closure that was never evaluated leaves nothing decayed; prepare now.
-            parts = prepared[0] if prepared else self._prepare(with_grads=False, writes_params=True)
+            parts = prepared[0] if prepared else self._prepare(writes_params=True)
         self._prox_after(parts)
         return loss
 
