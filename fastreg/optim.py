@@ -138,8 +138,6 @@ class Regularized(torch.optim.Optimizer):
 
     def __setstate__(self, state: Dict[str, Any]) -> None:
         self.__dict__.update(state)
-        # pickles from before last_penalty moved into _log
-        self.__dict__.setdefault("_log", {"last_penalty": self.__dict__.pop("last_penalty", None)})
         self._patch_step_function()
 
     def __repr__(self) -> str:

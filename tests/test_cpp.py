@@ -252,7 +252,7 @@ def test_public_coupled_and_decoupled_chain():
 
 
 def test_public_sgd_weight_decay_oracle():
-    """Coupled l2 through the cpp backend is SGD(weight_decay=l2)."""
+    """Coupled l2 through the cpp backend is SGD(weight_decay=l2), up to one rounding per step."""
     models = [_model(), _model()]
     opt_ref = torch.optim.SGD(models[0].parameters(), lr=0.1, weight_decay=0.01)
     opt = torch.optim.SGD(models[1].parameters(), lr=0.1)
