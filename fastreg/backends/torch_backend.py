@@ -41,7 +41,6 @@ from typing import Callable, Dict, Iterator, List, Optional, Sequence, Tuple, Un
 import torch
 import torch.nn.functional as F
 from torch import Tensor
-from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
 
 from .base import Backend, Coefficients, LearningRate, accumulate_dtype
 from .reference import ReferenceBackend
@@ -89,28 +88,31 @@ def _pieces(tensors: Sequence[Tensor], limit: int) -> Iterator[Tuple[Tensor, ...
 
 
 class _Run:
-    """Small tensors whose elements are gathered into one flat buffer; when the call needs
-    group sums, ``groups`` groups of ``length`` elements each."""
+    """Small tensors of one shape, processed as one batch: stacked into one buffer, or the
+    tensor itself when alone. ``groups`` groups of ``length`` elements when the call needs
+    group sums (``groups_each`` per member)."""
 
-    __slots__ = ("indices", "numel", "length", "groups", "stretches")
+    __slots__ = ("shape", "indices", "numel", "groups_each", "length", "groups", "stretches")
 
-    def __init__(self, length: Optional[int]):
+    def __init__(self, shape: torch.Size, numel: int, groups_each: int):
+        self.shape = shape
         self.indices: List[int] = []
         self.numel = 0
-        self.length = length
+        self.groups_each = groups_each
+        self.length = numel // groups_each if groups_each else numel
         self.groups = 0
         # (first slot, stop slot, first group in the run) of each stretch of consecutive slots
-        self.stretches: List[Tuple[int, int, int]] = []
+        self.stretches: List[List[int]] = []
 
-    def add(self, index: int, numel: int, first_slot: int, groups: int) -> None:
+    def add(self, index: int, numel: int, first_slot: int) -> None:
         self.indices.append(index)
         self.numel += numel
+        groups = self.groups_each
         if groups:
             if self.stretches and self.stretches[-1][1] == first_slot:
-                start, _, column = self.stretches[-1]
-                self.stretches[-1] = (start, first_slot + groups, column)
+                self.stretches[-1][1] += groups
             else:
-                self.stretches.append((first_slot, first_slot + groups, self.groups))
+                self.stretches.append([first_slot, first_slot + groups, self.groups])
             self.groups += groups
 
 
@@ -119,8 +121,8 @@ class _Layout:
 
     With ``grouped`` the call needs per-group sums (norms, group lasso): groups are whole
     tensors, or rows with ``group_dim=0``, and group ``g`` of tensor ``t`` has slot
-    ``offsets[t] + g``. Runs then hold groups of one length only, so a run's group sums are one
-    ``view(groups, length).sum(1)``.
+    ``offsets[t] + g``. A run's tensors share one shape, so its group sums are one
+    ``view(groups, length).sum(1)`` and its results go back through views of one buffer.
     """
 
     def __init__(self, params: Sequence[Tensor], grouped: bool = False, group_dim: Optional[int] = None):
@@ -133,40 +135,51 @@ class _Layout:
         self.runs: List[_Run] = []
         self.offsets: List[int] = []
         self._scratch: Dict[str, Tensor] = {}
+        self._views: Dict[tuple, Tensor] = {}
+        rows = group_dim == 0
+        batch, large, runs, offsets = self.batch, self.large, self.runs, self.offsets
+        open_runs: Dict[torch.Size, _Run] = {}
         slots = 0
-        open_runs: Dict[Optional[int], _Run] = {}
         for i, p in enumerate(params):
             numel = p.numel()
-            groups = _rows(p, group_dim) if grouped else 0
-            self.offsets.append(slots)
+            offsets.append(slots)
             if numel > small:
-                self.large.append(i)
-            elif numel or groups:
-                key = numel // groups if groups else None
-                run = open_runs.get(key)
-                if run is None or run.numel + numel > self.batch:
-                    if run is not None:
-                        self.runs.append(run)
-                    run = open_runs[key] = _Run(key)
-                run.add(i, numel, slots, groups)
-            slots += groups
-        self.runs.extend(open_runs.values())
+                large.append(i)
+                if grouped:
+                    slots += p.shape[0] if rows and p.dim() >= 2 else 1
+                continue
+            shape = p.shape
+            run = open_runs.get(shape)
+            if run is None or run.numel + numel > batch:
+                if run is not None:
+                    runs.append(run)
+                groups = (shape[0] if rows and len(shape) >= 2 else 1) if grouped else 0
+                run = open_runs[shape] = _Run(shape, numel, groups)
+            if numel or run.groups_each:
+                run.add(i, numel, slots)
+            slots += run.groups_each
+        runs.extend(run for run in open_runs.values() if run.indices)
         self.slots = slots
 
     def zero(self) -> Tensor:
         return torch.zeros((), dtype=self.acc, device=self.device)
 
-    def scratch(self, name: str, like: Tensor, rows: int = 0) -> Tensor:
-        """A buffer of the accumulate dtype shaped like ``like`` (``(rows,) + like.shape`` for
-        ``rows`` of 1 or 2), reused: valid until the next request of the same ``name``."""
+    def scratch(self, name: str, shape: Sequence[int], rows: int = 0) -> Tensor:
+        """A buffer of the accumulate dtype of ``shape`` (``(rows,) + shape`` for ``rows`` of
+        1 or 2), reused: valid until the next request of the same ``name``."""
+        key = (name, tuple(shape), rows)
+        view = self._views.get(key)
+        if view is not None:
+            return view
         buffer = self._scratch.get(name)
         if buffer is None:
-            shape = (2, self.batch) if rows else (self.batch,)
-            buffer = self._scratch[name] = torch.empty(shape, dtype=self.acc, device=self.device)
-        n = like.numel()
-        if rows:
-            return buffer[:rows, :n].view((rows,) + like.shape)
-        return buffer[:n].view(like.shape)
+            size = (2, self.batch) if rows else (self.batch,)
+            buffer = self._scratch[name] = torch.empty(size, dtype=self.acc, device=self.device)
+        n = math.prod(shape)
+        view = buffer[:rows, :n].view((rows,) + tuple(shape)) if rows else buffer[:n].view(shape)
+        if n == self.batch:  # the shape of most pieces: keep the view
+            self._views[key] = view
+        return view
 
     def batches(self, lists: Sequence[Sequence[Tensor]]) -> Iterator["_Piece | _Gathered"]:
         """Every batch of the call; ``lists`` (params first, then grads or outputs) are the
@@ -175,14 +188,17 @@ class _Layout:
             tensors = [lst[i] for lst in lists]
             for slots, views in self._cut(tensors, self.offsets[i]):
                 first = views[0]
-                values = first if first.dtype == self.acc else self.scratch("values", first).copy_(first)
+                values = first if first.dtype == self.acc else self.scratch("values", first.shape).copy_(first)
                 yield _Piece(values, views, slots)
         for run in self.runs:
             members = [[lst[i] for i in run.indices] for lst in lists]
-            flat = _flatten_dense_tensors(members[0])
-            if flat.dtype != self.acc:
-                flat = flat.to(self.acc)
-            yield _Gathered(flat if run.length is None else flat.view(run.groups, run.length), run, members)
+            params = members[0]
+            stacked = (len(params),) + run.shape
+            if len(params) == 1 and params[0].dtype == self.acc and params[0].is_contiguous():
+                values = params[0].view(stacked)  # the tensor itself: no copy
+            else:
+                values = torch.stack(params, out=self.scratch("gathered", stacked))
+            yield _Gathered(values.view(run.groups, run.length) if run.groups else values.view(-1), run, members)
 
     def _cut(self, tensors: List[Tensor], first: int) -> Iterator[Tuple[Slots, Tuple[Tensor, ...]]]:
         """(slots, pieces) of a large tensor: the whole tensor or one row longer than a batch is
@@ -230,10 +246,10 @@ class _Piece:
 
 
 class _Gathered:
-    """A run of small tensors: ``values`` is their elements in one flat tensor of the
-    accumulate dtype (``(groups, length)`` with groups), ``members`` the run's tensors of
-    every list. ``values`` is a view of the tensor itself when the run is one contiguous
-    tensor of the accumulate dtype."""
+    """A run of small tensors: ``values`` holds their elements (accumulate dtype) in one
+    buffer, flat, or ``(groups, length)`` when the call has groups; ``members`` are the run's
+    tensors of every list. When the run is one contiguous tensor of the accumulate dtype,
+    ``values`` is a view of that tensor."""
 
     __slots__ = ("values", "run", "members")
 
@@ -245,15 +261,17 @@ class _Gathered:
         parts = [per_slot[start:stop] for start, stop, _ in self.run.stretches]
         return (parts[0] if len(parts) == 1 else torch.cat(parts)).view(-1, 1)
 
+    def _split(self, v: Tensor) -> List[Tensor]:
+        return v.view((len(self.run.indices),) + self.run.shape).unbind(0)
+
     def add(self, k: int, d: Tensor) -> None:
-        targets = self.members[k]
-        torch._foreach_add_(targets, _unflatten_dense_tensors(d.view(-1), targets))
+        torch._foreach_add_(self.members[k], self._split(d))
 
     def store(self, k: int, v: Tensor) -> None:
         targets = self.members[k]
         if len(targets) == 1 and v.dtype == targets[0].dtype and v.data_ptr() == targets[0].data_ptr():
             return  # v is the tensor itself
-        torch._foreach_copy_(targets, _unflatten_dense_tensors(v.view(-1), targets))
+        torch._foreach_copy_(targets, self._split(v))
 
 
 Batch = Union[_Piece, _Gathered]
@@ -281,7 +299,7 @@ def _group_sums(layout: _Layout, quantities: Callable[[Tensor, Tensor], None], c
     partial: Dict[int, List[Tensor]] = {}
     for batch in layout.batches([layout.params]):
         w = batch.values if transform is None else transform(batch.values)
-        out = layout.scratch("quantities", w, rows=count)
+        out = layout.scratch("quantities", w.shape, rows=count)
         quantities(w, out)
         if isinstance(batch, _Gathered):
             sums = out.sum(2)
@@ -319,9 +337,9 @@ def _grouped_value(layout: _Layout, coefs: Coefficients) -> Tuple[Tensor, Tensor
     return _value(layout, coefs, sums[0].sum(), sums[1].sum(), norms), norms
 
 
-def _increment(layout: _Layout, w: Tensor, coefs: Coefficients, scale: Optional[Tensor] = None, sign: Optional[Tensor] = None) -> Tensor:
+def _increment(layout: _Layout, w: Tensor, coefs: Coefficients, scale: Optional[Tensor] = None) -> Tensor:
     """``dP/dw`` of a batch, in scratch: ``w * (the group scale, or l2) + l1 * sign(w)``."""
-    d = layout.scratch("increment", w)
+    d = layout.scratch("increment", w.shape)
     if scale is not None:
         torch.mul(w, scale, out=d)
     elif coefs.l2:
@@ -329,39 +347,50 @@ def _increment(layout: _Layout, w: Tensor, coefs: Coefficients, scale: Optional[
     else:
         d.zero_()
     if coefs.l1:
-        if sign is None:
-            sign = torch.sign(w, out=layout.scratch("sign", w))
-        d.add_(sign, alpha=coefs.l1)
+        d.add_(torch.sign(w, out=layout.scratch("sign", w.shape)), alpha=coefs.l1)
     return d
 
 
 def _elastic_net(layout: _Layout, coefs: Coefficients, grads: Optional[List[Tensor]] = None) -> Tensor:
     """``P`` for l1/l2 without groups from one pass; with ``grads``, the same pass adds each
-    batch's gradient term to them (coupled mode)."""
+    batch's gradient term to them (coupled mode).
+
+    A batch's value is the sum of ``l1 * (|w| + c * w^2)``, ``c = l2 / (2 * l1)``, one
+    ``addcmul_`` on ``|w|``: one in-cache pass less than summing ``|w|`` and ``w^2`` apart
+    (done when ``c`` would leave the accumulate dtype's comfortable range)."""
     l1, l2 = coefs.l1, coefs.l2
-    count = 2 if l1 and l2 else 1
+    ratio = l2 / (2 * l1) if l1 and l2 else None
+    if ratio is not None and not 1e-30 <= ratio <= 1e30:
+        ratio = None
+    count = 2 if l1 and l2 and ratio is None else 1
     partials = []
     for batch in layout.batches([layout.params] if grads is None else [layout.params, grads]):
         w = batch.values
-        sign = torch.sign(w, out=layout.scratch("sign", w)) if l1 else None
+        sign = None
         if grads is not None:
             if isinstance(batch, _Piece) and batch.views[1].dtype == w.dtype:
-                # fp32/fp64 slices: two fused in-place updates, no gradient buffer
-                if l1:
-                    batch.views[1].add_(sign, alpha=l1)
+                # fp32/fp64 slices: fused in-place updates, no gradient buffer; the first one
+                # reads w and g together, the later passes find both in cache
+                g = batch.views[1]
                 if l2:
-                    batch.views[1].add_(w, alpha=l2)
+                    g.add_(w, alpha=l2)
+                if l1:
+                    g.add_(torch.sign(w, out=layout.scratch("sign", w.shape)), alpha=l1)
             else:  # one write per element: fp16/bf16 are rounded once, a run's grads in one op
-                batch.add(1, _increment(layout, w, coefs, sign=sign))
-        out = layout.scratch("quantities", w, rows=count)
+                batch.add(1, _increment(layout, w, coefs))
+        out = layout.scratch("quantities", w.shape, rows=count)
         if l1:
-            torch.mul(w, sign, out=out[0])
-        if l2:
+            torch.abs(w, out=out[0])
+            if ratio is not None:
+                out[0].addcmul_(out[0], out[0], value=ratio)
+        if l2 and ratio is None:
             torch.mul(w, w, out=out[count - 1])
         partials.append(out.view(count, -1).sum(1))
     if not partials:
         return layout.zero()
     sums = torch.stack(partials).sum(0)
+    if ratio is not None:
+        return l1 * sums[0]
     return _value(layout, coefs, sums[0], sums[count - 1], None)
 
 
@@ -418,7 +447,7 @@ class TorchBackend(Backend):
             if keep is not None:
                 w.mul_(keep)
             if isinstance(threshold, Tensor):
-                w.sub_(torch.clamp(w, -threshold, threshold, out=layout.scratch("clamped", w)))
+                w.sub_(torch.clamp(w, -threshold, threshold, out=layout.scratch("clamped", w.shape)))
             elif threshold is not None:
                 torch.ops.aten.softshrink.out(w, threshold, out=w)  # sign(w) * max(|w| - t, 0), NaN kept
             return w
@@ -428,7 +457,7 @@ class TorchBackend(Backend):
             # Step 3 needs the norms of the thresholded groups first: a read-only pass computes
             # them on scratch copies; the update pass below thresholds again and scales.
             shrink = lr * coefs.group_lasso
-            thresholded = _group_sums(layout, _square, 1, lambda w: prox(layout.scratch("thresholded", w).copy_(w)))
+            thresholded = _group_sums(layout, _square, 1, lambda w: prox(layout.scratch("thresholded", w.shape).copy_(w)))
             norms = thresholded[0].sqrt()
             factors = torch.where(norms > shrink, 1 - shrink / norms, 0.0)
         for batch in layout.batches([params]):
