@@ -5,7 +5,7 @@
     FASTREG_BENCH_COMPILE=1 pytest benchmarks/  # with the torch.compile peers (slow to compile)
     pytest benchmarks/ --benchmark-disable      # smoke test: check and run each case once (CI)
 
-Each case is checked against the torch reference backend before it is timed: a fastreg
+Each case is checked against the reference backend before it is timed: a fastreg
 backend that disagrees fails; a peer's error is recorded in the benchmark's extra info.
 ``python -m fastreg bench`` prints the same comparison as a table with ratios.
 """

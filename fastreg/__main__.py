@@ -109,7 +109,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
             record = report.run_record(workload, size, task, results)
             runs.append(record)
             progress.write(f"\n{report.title(record)}\n{report.table(record)}")
-    print("errors: relative to the torch reference backend; GB/s counts the bytes a single pass must move")
+    print("errors: relative to the reference backend; GB/s counts the bytes a single pass must move")
     document = report.document(env, dataclasses.asdict(setting), runs, scaling=args.scaling)
     if args.json:
         with open(args.json, "w") as f:
@@ -360,7 +360,7 @@ def parser() -> argparse.ArgumentParser:
     b = sub.add_parser(
         "bench",
         help="fastreg vs the naive loop, foreach, torch.compile and the bandwidth floor",
-        description="Every implementation of a task is checked against the torch reference backend, then timed "
+        description="Every implementation of a task is checked against the reference backend, then timed "
         "in the same run; ratios (x floor, speedup vs naive) are within that run. Run it on an otherwise idle "
         "machine: CPU threads stall when another process holds a core.",
     )

@@ -3,7 +3,7 @@
 A *task* (coupled value + grad, norms, decoupled decay, a training step) has several
 *cases*: the single-pass floor, the naive loop people write, a no-grad loop,
 ``torch._foreach_*``, ``torch.compile`` of the loop, and every usable fastreg backend.
-Every case is first checked against the ``torch`` reference backend, then timed with
+Every case is first checked against the ``reference`` backend, then timed with
 ``torch.utils.benchmark`` (which synchronizes CUDA and runs with the process's thread
 count here), and reported as ratios to the floor and to the naive loop of the same run.
 The CLI (``python -m fastreg bench``) and the pytest-benchmark suite (``benchmarks/``)
@@ -90,7 +90,7 @@ class Task(abc.ABC):
 
     @abc.abstractmethod
     def fastreg_cases(self, workload: Workload, setting: Setting, backend: str) -> List[Case]:
-        """The ways fastreg does it with ``backend``; the first is the reference with ``torch``."""
+        """The ways fastreg does it with ``backend``; the first, with ``reference``, is the reference."""
 
     def snapshot(self, workload: Workload):
         """What :meth:`restore` needs to start a check from the same state."""
@@ -344,9 +344,9 @@ def make_cases(task: Task, workload: Workload, setting: Setting, *, compile: boo
 
 
 def reference(task: Task, workload: Workload, setting: Setting, start) -> Outputs:
-    """What the ``torch`` backend produces from the ``start`` state."""
+    """What the ``reference`` backend produces from the ``start`` state."""
     task.restore(workload, start)
-    returned = task.fastreg_cases(workload, setting, "torch")[0].run()
+    returned = task.fastreg_cases(workload, setting, "reference")[0].run()
     values, tensors = task.outputs(workload, returned)
     return [v.detach().clone() for v in values], [t.detach().clone() for t in tensors]
 
@@ -419,7 +419,7 @@ def run(
             worst = max(e for e in (result.value_error, result.tensor_error) if e is not None)
             if not worst <= limit:
                 if case.name.startswith("fastreg"):
-                    raise AssertionError(f"{case.name} disagrees with the torch reference on {task.name}: relative error {worst:.3g} > {limit:g}")
+                    raise AssertionError(f"{case.name} disagrees with the reference backend on {task.name}: relative error {worst:.3g} > {limit:g}")
                 result.note = "disagrees with the reference (see errors)"
         measurement = time_case(case, min_run_time)
         result.median_ms, result.iqr_ms = measurement.median * 1e3, measurement.iqr * 1e3

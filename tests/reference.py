@@ -1,6 +1,6 @@
 """Slow, obvious references: per-tensor Python loops in fp64, differentiated by autograd.
 
-Every fast path is tested against these (directly, or against the ``torch`` backend,
+Every fast path is tested against these (directly, or against the ``reference`` backend,
 which is tested against these). Below them, the inputs and comparisons that the kernel
 backends' tests share.
 """
@@ -65,7 +65,7 @@ def naive_decay(params: Sequence[Tensor], lr: float, l1=0.0, l2=0.0, group_lasso
 
 # ---------------------------------------------------------------------------------------------
 # Inputs and comparisons shared by the kernel backends' tests (test_cpp.py, test_cuda.py): every
-# backend is checked against the ``torch`` backend on the same inputs with the same tolerances.
+# backend is checked against the ``reference`` backend on the same inputs with the same tolerances.
 
 COEFS = {
     "l1": Coefficients(l1=0.3),
@@ -137,12 +137,12 @@ def assert_bitwise_equal(actual, expected):
 
 
 def check_nan_inf_propagation(backend, dtype, coefs, device="cpu"):
-    """NaN and Inf through every op of ``backend`` follow the ``torch`` reference exactly:
+    """NaN and Inf through every op of ``backend`` follow the ``reference`` backend exactly:
     sign(NaN) = 0, a zero coefficient adds nothing (no 0 * inf), a NaN group norm gives the
     group a zero group-lasso scale."""
     from fastreg.backends import BACKENDS
 
-    reference = BACKENDS["torch"]
+    reference = BACKENDS["reference"]
     params = make_params(dtype, shapes=[(4, 6), (5,), (3, 70000), (8, 8)], device=device)
     params[0][0, 1] = float("nan")
     params[0][2, 3] = float("inf")

@@ -1,4 +1,4 @@
-"""The ``cpp`` backend against the ``torch`` reference, op by op, plus its build and registration.
+"""The ``cpp`` backend against the ``reference`` backend, op by op, plus its build and registration.
 
 Tolerances are per dtype and tight: elementwise results (gradients, decayed weights) may differ
 from the reference by an ulp or so of their dtype (the reference rounds some group norms and
@@ -53,7 +53,7 @@ def cpp_backend():
 
 
 CPP = BACKENDS["cpp"]
-REF = BACKENDS["torch"]
+REF = BACKENDS["reference"]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -227,18 +227,18 @@ def _model(dtype=torch.float32):
 def test_public_penalty_backward_chain(group_dim):
     kwargs = dict(l1=1e-3, l2=1e-2, group_lasso=1e-2, group_dim=group_dim)
     grads = {}
-    for backend in ("cpp", "torch"):
+    for backend in ("cpp", "reference"):
         model = _model()
         x = torch.randn(8, 20, generator=torch.Generator().manual_seed(3))
         loss = model(x).square().mean() + fastreg.penalty(model.parameters(), backend=backend, **kwargs)
         loss.backward()
         grads[backend] = [p.grad for p in model.parameters()]
-    assert_lists_close(grads["cpp"], grads["torch"], **elementwise_tol(torch.float32))
+    assert_lists_close(grads["cpp"], grads["reference"], **elementwise_tol(torch.float32))
 
 
 def test_public_coupled_and_decoupled_chain():
     results = {}
-    for backend in ("cpp", "torch"):
+    for backend in ("cpp", "reference"):
         model = _model()
         params = list(model.parameters())
         for p in params:
@@ -247,8 +247,8 @@ def test_public_coupled_and_decoupled_chain():
         fastreg.decay_(params, lr=0.1, l1=1e-2, l2=1e-1, group_lasso=1e-2, group_dim=0, backend=backend)
         norms = fastreg.norms(params, backend=backend)
         results[backend] = [value, norms.l1, norms.l2_squared, *[p.grad for p in params], *[p.detach() for p in params]]
-    assert_lists_close(results["cpp"][:3], results["torch"][:3], **reduction_tol(torch.float32))
-    assert_lists_close(results["cpp"][3:], results["torch"][3:], **elementwise_tol(torch.float32))
+    assert_lists_close(results["cpp"][:3], results["reference"][:3], **reduction_tol(torch.float32))
+    assert_lists_close(results["cpp"][3:], results["reference"][3:], **elementwise_tol(torch.float32))
 
 
 def test_public_sgd_weight_decay_oracle():

@@ -1,5 +1,5 @@
 """The ``cuda`` backend: its sources compile with nvcc (in CI, without a GPU), its build is
-skipped with a reason where it cannot run, and, on a GPU, every op matches the ``torch``
+skipped with a reason where it cannot run, and, on a GPU, every op matches the ``reference``
 reference on the same CUDA tensors, like the ``cpp`` backend's tests (tests/test_cpp.py).
 
 The GPU tests skip, with the reason, where ``torch.cuda.is_available()`` is False. Where a GPU,
@@ -40,7 +40,7 @@ from reference import (
 
 DTYPES = [torch.float32, torch.float64, torch.float16, torch.bfloat16]
 CUDA = BACKENDS["cuda"]
-REF = BACKENDS["torch"]
+REF = BACKENDS["reference"]
 CSRC = _build.CSRC
 GPU = torch.cuda.is_available()
 DEVICE = torch.device("cuda") if GPU else None
@@ -105,7 +105,7 @@ def test_every_kernel_source_is_part_of_the_cuda_extension():
 
 
 def test_registry_order_prefers_triton_then_cuda():
-    assert list(BACKENDS) == ["triton", "cuda", "cpp", "torch"]
+    assert list(BACKENDS) == ["triton", "cuda", "cpp", "torch", "reference"]
     assert get_backend("cuda") is CUDA
     assert not CUDA.auto_eligible(torch.device("cpu")) and CUDA.auto_eligible(torch.device("cuda"))
 
@@ -492,11 +492,11 @@ def test_torch_compile_fullgraph(cuda_backend):
 def test_public_penalty_backward_chain(cuda_backend, group_dim):
     kwargs = dict(l1=1e-3, l2=1e-2, group_lasso=1e-2, group_dim=group_dim)
     grads = {}
-    for backend in ("cuda", "torch"):
+    for backend in ("cuda", "reference"):
         torch.manual_seed(0)
         model = torch.nn.Sequential(torch.nn.Linear(20, 30), torch.nn.ReLU(), torch.nn.Linear(30, 3)).to(DEVICE)
         x = torch.randn(8, 20, generator=torch.Generator().manual_seed(3)).to(DEVICE)
         loss = model(x).square().mean() + fastreg.penalty(model.parameters(), backend=backend, **kwargs)
         loss.backward()
         grads[backend] = [p.grad for p in model.parameters()]
-    assert_lists_close(grads["cuda"], grads["torch"], rtol=1e-5, atol=1e-6)
+    assert_lists_close(grads["cuda"], grads["reference"], rtol=1e-5, atol=1e-6)

@@ -1,5 +1,5 @@
 """Property-based: random tensor lists and coefficients, every usable backend vs the naive fp64
-loop, and a fuzz of every fast backend against the ``torch`` backend."""
+loop, and a fuzz of every fast backend against the ``reference`` backend."""
 from __future__ import annotations
 
 import hypothesis.strategies as st
@@ -64,10 +64,10 @@ def test_decay_matches_naive(shapes, dtype, lr, l1, l2, group_lasso, group_dim, 
 
 
 # ---------------------------------------------------------------------------------------------
-# Fuzz: every fast backend against the ``torch`` backend on the same random calls, all dtypes,
+# Fuzz: every fast backend against the ``reference`` backend on the same random calls, all dtypes,
 # every public op. A small set runs by default; the slow tier draws 1,000 calls per backend.
 
-FAST_BACKENDS = [name for name in usable_backends() if name != "torch"]
+FAST_BACKENDS = [name for name in usable_backends() if name != "reference"]
 FUZZ_OPS = ("penalty", "add_penalty_grad_", "decay_", "norms")
 fuzz_shapes = st.lists(
     st.one_of(st.lists(st.integers(0, 9), max_size=3).map(tuple), st.integers(0, 3000).map(lambda n: (n,))),
@@ -112,24 +112,24 @@ def run_call(call, backend):
 
 def check_fuzz_call(call, backend):
     values, tensors = run_call(call, backend)
-    want_values, want_tensors = run_call(call, "torch")
+    want_values, want_tensors = run_call(call, "reference")
     dtype = call["dtype"]
     assert_lists_close(values, want_values, **reduction_tol(dtype))
     assert_lists_close(tensors, want_tensors, **elementwise_tol(dtype))
 
 
-@pytest.mark.skipif(not FAST_BACKENDS, reason="no backend besides torch can run here")
+@pytest.mark.skipif(not FAST_BACKENDS, reason="no backend besides reference can run here")
 @pytest.mark.parametrize("backend", FAST_BACKENDS)
 @settings(max_examples=40, deadline=None, derandomize=True)
 @given(call=fuzz_calls())
-def test_fuzz_against_torch_backend(backend, call):
+def test_fuzz_against_reference_backend(backend, call):
     check_fuzz_call(call, backend)
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(not FAST_BACKENDS, reason="no backend besides torch can run here")
+@pytest.mark.skipif(not FAST_BACKENDS, reason="no backend besides reference can run here")
 @pytest.mark.parametrize("backend", FAST_BACKENDS)
 @settings(max_examples=1000, deadline=None, derandomize=True)
 @given(call=fuzz_calls())
-def test_fuzz_thousand_calls_against_torch_backend(backend, call):
+def test_fuzz_thousand_calls_against_reference_backend(backend, call):
     check_fuzz_call(call, backend)

@@ -1,4 +1,4 @@
-"""The ``triton`` backend against the ``torch`` reference, op by op.
+"""The ``triton`` backend against the ``reference`` backend, op by op.
 
 On a machine with a GPU these run on CUDA tensors at full size; without one, on CPU
 tensors under Triton's interpreter (conftest sets ``TRITON_INTERPRET=1`` before the
@@ -94,7 +94,7 @@ def run_all_ops(params, coefs):
     """Every op of one backend on copies of ``params``: value and backward (through
     fastreg.penalty), add_penalty_grad_, decay_ with a float and a tensor lr, and norms."""
     results = {}
-    for backend in ("triton", "torch"):
+    for backend in ("triton", "reference"):
         ps = clone(params)
         value = fastreg.penalty(ps, **coefs, backend=backend)
         if value.requires_grad:
@@ -114,7 +114,7 @@ def run_all_ops(params, coefs):
             tensor_lr=[p.detach() for p in tensor_lr],
             norms=norms,
         )
-    return results["triton"], results["torch"]
+    return results["triton"], results["reference"]
 
 
 def assert_same_results(got, want, dtype):
@@ -130,7 +130,7 @@ def assert_same_results(got, want, dtype):
 
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("coefs", COEFFICIENTS, ids=COEF_IDS)
-def test_every_op_matches_torch_backend(dtype, coefs):
+def test_every_op_matches_reference_backend(dtype, coefs):
     params = make(SHAPES, dtype, grad=True)
     assert_same_results(*run_all_ops(params, coefs), dtype)
 
@@ -167,20 +167,20 @@ def test_non_contiguous_inputs_are_read_and_written_through():
     views = [base.t(), base[:, ::2], base[3:17, 5:50], base[::3, 1]]
     assert not any(v.is_contiguous() for v in views)
     for coefs in (dict(l1=0.2, l2=0.3), dict(l1=0.2, l2=0.3, group_lasso=0.4, group_dim=0)):
-        want_value = fastreg.penalty(views, **coefs, backend="torch")
+        want_value = fastreg.penalty(views, **coefs, backend="reference")
         assert_value(fastreg.penalty(views, **coefs, backend="triton"), want_value, torch.float64)
         for lr in (0.5, torch.tensor(0.5, device=DEVICE)):
             mine, ref = base.clone(), base.clone()
             fastreg.decay_([mine[:, ::2], mine[3:17, 1::2]], lr, **coefs, backend="triton")
-            fastreg.decay_([ref[:, ::2], ref[3:17, 1::2]], lr, **coefs, backend="torch")
+            fastreg.decay_([ref[:, ::2], ref[3:17, 1::2]], lr, **coefs, backend="reference")
             assert_tensors([mine], [ref])
     params = [torch.randn(6, 5, dtype=torch.float64, device=DEVICE).requires_grad_() for _ in range(2)]
     grad_base = torch.randn(5, 12, dtype=torch.float64, device=DEVICE)
     params[0].grad, params[1].grad = grad_base[:, :6].t(), grad_base[:, 6:].t()
     want_base = grad_base.clone()
-    want_value = fastreg.penalty(params, l1=0.1, group_lasso=0.2, group_dim=0, backend="torch")
-    want_base[:, :6] += torch.autograd.grad(fastreg.penalty(params[0], l1=0.1, group_lasso=0.2, group_dim=0, backend="torch"), params[0])[0].t()
-    want_base[:, 6:] += torch.autograd.grad(fastreg.penalty(params[1], l1=0.1, group_lasso=0.2, group_dim=0, backend="torch"), params[1])[0].t()
+    want_value = fastreg.penalty(params, l1=0.1, group_lasso=0.2, group_dim=0, backend="reference")
+    want_base[:, :6] += torch.autograd.grad(fastreg.penalty(params[0], l1=0.1, group_lasso=0.2, group_dim=0, backend="reference"), params[0])[0].t()
+    want_base[:, 6:] += torch.autograd.grad(fastreg.penalty(params[1], l1=0.1, group_lasso=0.2, group_dim=0, backend="reference"), params[1])[0].t()
     value = fastreg.add_penalty_grad_(params, l1=0.1, group_lasso=0.2, group_dim=0, backend="triton")
     assert_value(value, want_value, torch.float64)
     assert_tensors([grad_base], [want_base])  # written into the grads' own (strided) memory
@@ -376,7 +376,7 @@ def test_backend_ops_directly():
     coefs = Coefficients(l1=0.1, l2=0.2, group_lasso=0.3, group_dim=0)
     go = torch.tensor(2.0, dtype=torch.float64, device=DEVICE)
     got = TRITON.penalty_backward([p.detach() for p in params], go, coefs)
-    want = BACKENDS["torch"].penalty_backward([p.detach() for p in params], go, coefs)
+    want = BACKENDS["reference"].penalty_backward([p.detach() for p in params], go, coefs)
     assert_tensors(got, want)
     abs_sums, sq_sums = TRITON.norms([p.detach() for p in params])
     assert abs_sums.shape == sq_sums.shape == (2,) and abs_sums.dtype == torch.float32

@@ -12,12 +12,14 @@ import torch
 from .base import Backend, Coefficients, accumulate_dtype
 from .cpp import CppBackend
 from .cuda import CudaBackend
+from .reference import ReferenceBackend
 from .torch_backend import TorchBackend
 from .triton_backend import TritonBackend
 
-# `auto` takes the first usable backend of this list for a (device, dtype) group; the
-# pure-PyTorch reference is last and always usable.
-_REGISTERED: Tuple[Backend, ...] = (TritonBackend(), CudaBackend(), CppBackend(), TorchBackend())
+# `auto` takes the first usable, auto-eligible backend of this list for a (device, dtype) group:
+# the pure-PyTorch `torch` backend runs anywhere, so it is the fallback; the `reference` oracle
+# (last) is only used when asked for by name.
+_REGISTERED: Tuple[Backend, ...] = (TritonBackend(), CudaBackend(), CppBackend(), TorchBackend(), ReferenceBackend())
 
 BACKENDS: Dict[str, Backend] = {backend.name: backend for backend in _REGISTERED}
 BACKEND_CHOICES: Tuple[str, ...] = ("auto",) + tuple(BACKENDS)
