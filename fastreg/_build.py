@@ -341,7 +341,8 @@ def _io_failure(error: OSError) -> BuildError:
 
 # Lines of a build's output that name its cause: a failed write (the linker's comes before the
 # compiler driver's "error: ld returned 1"), else the compiler's first error.
-_IO_ERRORS = re.compile(r"No space left on device|Disk quota exceeded|File too large|Read-only file system|Permission denied")
+_IO_ERRORS = re.compile(r"No space left on device|Disk quota exceeded|File too large|File size limit exceeded|"
+                        r"Read-only file system|Permission denied")
 # An older compiler than torch's headers need: their own check, an unknown -std, or the C++17/20
 # library names they use missing from std.
 _STANDARD_ERRORS = re.compile(r"C\+\+ ?\d\d\b|-std=|is not a member of .std.|no member named .+ in namespace .std.")
