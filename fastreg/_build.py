@@ -345,7 +345,8 @@ _IO_ERRORS = re.compile(r"No space left on device|Disk quota exceeded|File too l
                         r"Read-only file system|Permission denied")
 # An older compiler than torch's headers need: their own check, an unknown -std, or the C++17/20
 # library names they use missing from std.
-_STANDARD_ERRORS = re.compile(r"C\+\+ ?\d\d\b|-std=|is not a member of .std.|no member named .+ in namespace .std.")
+_STANDARD_ERRORS = re.compile(r"C\+\+ ?\d\d\b|-std=|is not a member of .std.|in namespace .std. does not name|"
+                              r"no (?:member|template|type) named .+ in namespace .std.")
 
 
 def _compile_failure(error: Exception, build_dir: Path) -> BuildError:
@@ -518,8 +519,11 @@ class _Extension:
             # record with a binary it was not made for.
             (build_dir / RECORD_NAME).unlink(missing_ok=True)
             binary = self.binary_name()
+            # Named <name>_v1 and so on when one process builds the same name again (cpp_extension's
+            # versioning): published under the name later processes look for.
+            (built,) = staging.glob(f"{self.versioned_name()}*{Path(binary).suffix}")
             os.replace(staging / "build.ninja", build_dir / "build.ninja")
-            os.replace(staging / binary, build_dir / binary)
+            os.replace(built, build_dir / binary)
             _write_record(build_dir, binary)
             (build_dir / ERROR_LOG_NAME).unlink(missing_ok=True)
         finally:
