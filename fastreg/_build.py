@@ -65,6 +65,9 @@ LOCK_NAME = "fastreg.lock"
 RECORD_NAME = "fastreg-build.json"
 ERROR_LOG_NAME = "fastreg-build-error.log"
 _STAGING_PREFIX = "staging."
+# Hashed into the names: a fastreg that lays out or records its builds differently (one that
+# builds in place, with another record) never shares a build directory with this one.
+_LAYOUT = f"staged builds, {RECORD_NAME}"
 
 FIX_SEE_OUTPUT = "`python -m fastreg build --verbose` shows the compiler's full output"
 
@@ -430,6 +433,7 @@ class _Extension:
             digest.update(path.read_bytes())
         digest.update(" ".join(self._cflags() + self._ldflags() + self._cuda_cflags()).encode())
         digest.update(torch.__version__.encode())
+        digest.update(_LAYOUT.encode())
         return f"{self.name}_{digest.hexdigest()[:16]}"
 
     def binary_name(self) -> str:
