@@ -115,6 +115,15 @@ def _host() -> str:
     return socket.gethostname()
 
 
+def _safe_host() -> str:
+    return re.sub(r"[^A-Za-z0-9.-]", "_", _host())
+
+
+def _own_name() -> str:
+    """This process's files among those of every host sharing a build directory: ``<host>.<pid>``."""
+    return f"{_safe_host()}.{os.getpid()}"
+
+
 def _process_start(pid: int) -> Optional[str]:
     """When process ``pid`` started (Linux: clock ticks after boot; None where unknown): tells the
     process that wrote a lock from a later one given the same pid (containers reuse low pids)."""
@@ -220,7 +229,7 @@ class _BuildLock:
         return json.dumps({"pid": pid, "host": _host(), "process_start": _process_start(pid), "since": time.time()})
 
     def _create(self) -> bool:
-        record = self.path.with_name(f"{LOCK_NAME}.{os.getpid()}.tmp")
+        record = self.path.with_name(f"{LOCK_NAME}.{_own_name()}.tmp")
         record.write_text(self._record())
         try:
             os.link(record, self.path)
@@ -248,7 +257,7 @@ class _BuildLock:
     def _remove(self, holder: _Holder, why: str) -> None:
         # Renamed aside first, to remove only the lock that was judged: another waiter may have
         # removed it and taken a fresh one in the meantime, which goes back.
-        aside = self.path.with_name(f"{LOCK_NAME}.{os.getpid()}.stale")
+        aside = self.path.with_name(f"{LOCK_NAME}.{_own_name()}.stale")
         try:
             os.rename(self.path, aside)
         except FileNotFoundError:
@@ -264,12 +273,8 @@ class _BuildLock:
 # -- finished builds: staged, published, recorded -----------------------------------------------
 
 
-def _safe_host() -> str:
-    return re.sub(r"[^A-Za-z0-9.-]", "_", _host())
-
-
 def _staging_directory(build_dir: Path) -> Path:
-    return build_dir / f"{_STAGING_PREFIX}{_safe_host()}.{os.getpid()}"
+    return build_dir / f"{_STAGING_PREFIX}{_own_name()}"
 
 
 def _remove_abandoned_staging(build_dir: Path) -> None:
@@ -303,7 +308,7 @@ def _read_record(build_dir: Path) -> Optional[dict]:
 def _write_atomically(path: Path, text: str) -> None:
     """Writes ``path`` whole or not at all (readers never see a part), as another process may
     read it meanwhile."""
-    temporary = path.with_name(f"{path.name}.{os.getpid()}.tmp")
+    temporary = path.with_name(f"{path.name}.{_own_name()}.tmp")
     try:
         temporary.write_text(text)
         os.replace(temporary, path)
@@ -460,15 +465,15 @@ class _Extension:
                              "reinstall fastreg (its C++ sources ship with the package)")
         build_dir = self.build_directory()
         if self._load_finished(build_dir) is not None:
-            if shutil.which(_compiler()) is None:
-                raise BuildError(f"no C++ compiler: {_compiler()} not found",
-                                 "install a C++ compiler (g++ or clang++; or set CXX to one), then run "
-                                 "`python -m fastreg build`")
             lock = _BuildLock(build_dir, self.name)
             lock.acquire(BUILD_WAIT_SECONDS)
             try:
                 problem = self._load_finished(build_dir)  # the build it waited for, if any
                 if problem is not None:
+                    if shutil.which(_compiler()) is None:
+                        raise BuildError(f"no C++ compiler: {_compiler()} not found",
+                                         "install a C++ compiler (g++ or clang++; or set CXX to one), then run "
+                                         "`python -m fastreg build`")
                     if problem:
                         warnings.warn(f"fastreg: the cached {self.name} build in {build_dir}: {problem}; rebuilding it",
                                       RuntimeWarning, stacklevel=4)
