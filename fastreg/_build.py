@@ -136,6 +136,8 @@ def _process_start(pid: int) -> Optional[str]:
 
 
 def _process_alive(pid: int, start: Optional[str]) -> bool:
+    if sys.platform == "win32":
+        return True  # os.kill there terminates the process: a lock is stale only by its age
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
