@@ -135,9 +135,10 @@ def _process_start(pid: int) -> Optional[str]:
     return fields[19] if len(fields) > 19 else None
 
 
-def _process_alive(pid: int, start: Optional[str]) -> bool:
+def _process_alive(pid: int, start: Optional[str]) -> Optional[bool]:
+    """Whether process ``pid`` of this host runs (None: cannot tell)."""
     if sys.platform == "win32":
-        return True  # os.kill there terminates the process: a lock is stale only by its age
+        return None  # os.kill there terminates the process
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
@@ -173,10 +174,9 @@ class _Holder:
 
     def stale_reason(self, max_age: float) -> Optional[str]:
         """Why the holder is gone (None: it may still be building)."""
-        if self.pid is not None and self.host == _host():
-            if _process_alive(self.pid, self.start):
-                return None
-            return f"pid {self.pid}, whose build it was, is no longer running"
+        alive = _process_alive(self.pid, self.start) if self.pid is not None and self.host == _host() else None
+        if alive is not None:
+            return None if alive else f"pid {self.pid}, whose build it was, is no longer running"
         if self.age > max_age:
             return f"it is {_duration(self.age)} old, longer than any build takes"
         return None
@@ -281,17 +281,16 @@ def _staging_directory(build_dir: Path) -> Path:
 
 def _remove_abandoned_staging(build_dir: Path) -> None:
     """Removes the staging directories of builds that did not finish: of processes of this host
-    that are gone, or of other hosts' builds older than any build takes."""
+    that are gone, or of others older than any build takes."""
     for path in build_dir.glob(_STAGING_PREFIX + "*"):
         host, _, pid = path.name[len(_STAGING_PREFIX):].rpartition(".")
-        if host == _safe_host():
-            abandoned = pid.isdigit() and int(pid) > 0 and not _process_alive(int(pid), None)
-        else:
+        alive = _process_alive(int(pid), None) if host == _safe_host() and pid.isdigit() and int(pid) > 0 else None
+        if alive is None:
             try:
-                abandoned = time.time() - path.stat().st_mtime > BUILD_WAIT_SECONDS
+                alive = time.time() - path.stat().st_mtime <= BUILD_WAIT_SECONDS
             except FileNotFoundError:
                 continue
-        if abandoned:
+        if not alive:
             shutil.rmtree(path, ignore_errors=True)
 
 
