@@ -5,6 +5,7 @@ import argparse
 import dataclasses
 import json
 import sys
+import warnings
 from typing import List, Optional, Sequence
 
 import torch
@@ -24,7 +25,34 @@ def _devices() -> List[torch.device]:
     return devices
 
 
+def _build_problems(devices: Sequence[torch.device], backends: Optional[Sequence[str]] = None) -> List[str]:
+    """For each C++ extension the run needs that failed to build (building it now if needed):
+    what failed, what fastreg uses instead and how to fix it. Nothing for one that is built, or
+    skipped on this machine (no CUDA)."""
+    from . import _build
+    from .backends import auto_backend
+
+    lines = []
+    with warnings.catch_warnings():
+        # Said here in full, as the extension's own warning would say it again.
+        warnings.filterwarnings("ignore", message=r"fastreg: \S+ is unavailable", category=RuntimeWarning)
+        for backend, extension, device_type in (("cpp", _build.CPU, "cpu"), ("cuda", _build.CUDA, "cuda")):
+            device = next((d for d in devices if d.type == device_type), None)
+            if device is None or (backends is not None and backend not in backends):
+                continue
+            reason = extension.ensure()
+            if reason is None or extension.fix is None:
+                continue
+            lines += [
+                f"{extension.name} is unavailable: {reason}",
+                f"  instead: fastreg uses the {auto_backend(device, torch.float32).name} backend on {device_type}",
+                f"  to fix: {extension.fix}",
+            ]
+    return lines
+
+
 def cmd_info(args: argparse.Namespace) -> int:
+    problems = _build_problems(_devices())
     env = bench.environment(torch.device("cpu"))
     print(f"fastreg {__version__}")
     print(
@@ -47,6 +75,9 @@ def cmd_info(args: argparse.Namespace) -> int:
             rows.append([name, str(device), "usable" if reason is None else "no", reason or ""])
     print()
     print(tabulate(rows, headers=["backend", "device", "status", "why not"]))
+    if problems:
+        print()
+        print("\n".join(problems))
     return 0
 
 
@@ -85,6 +116,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
             series.append((args.size, workloads.WORKLOADS[name](args.size, dtype, device, seed=args.seed)))
     env = bench.environment(device)
     print(f"{env['device']}, {env['threads']} threads, torch {env['torch']} | l1={args.l1:g}, l2={args.l2:g}, lr={args.lr:g}")
+    for line in _build_problems([device], backends):
+        print(line)
     plan = []
     for size, workload in series:
         for task_name in task_names:

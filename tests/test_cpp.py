@@ -1,4 +1,4 @@
-"""The ``cpp`` backend against the ``reference`` backend, op by op, plus its build and registration.
+"""The ``cpp`` backend against the ``reference`` backend, op by op, plus its registration.
 
 Tolerances are per dtype and tight: elementwise results (gradients, decayed weights) may differ
 from the reference by an ulp or so of their dtype (the reference rounds some group norms and
@@ -9,16 +9,11 @@ from __future__ import annotations
 
 import os
 import shutil
-import subprocess
-import sys
-import time
-import warnings
 
 import pytest
 import torch
 
 import fastreg
-from fastreg import _build
 from fastreg.backends import BACKENDS, Coefficients, auto_backend, get_backend
 from fastreg.backends.base import accumulate_dtype
 from reference import (
@@ -269,100 +264,7 @@ def test_public_sgd_weight_decay_oracle():
 
 
 # ---------------------------------------------------------------------------------------------
-# build machinery
-
-
-def test_import_builds_nothing():
-    code = "import fastreg, fastreg._build as b; import sys; sys.exit(1 if b.CPU._done else 0)"
-    subprocess.run([sys.executable, "-c", code], check=True)
-
-
-def test_build_all_reports_built():
-    results = _build.build_all(verbose=False)
-    assert results["fastreg_cpu"] == "built"
-    assert set(results) == set(_build.EXTENSIONS) and not _build.failures(results)
-
-
-def test_cxx_standard_comes_from_torch():
-    """cpp_extension passes the standard torch's headers need; a second ``-std`` of fastreg's
-    own would override it (torch 2.14's headers do not compile as C++17)."""
-    assert _build.cpu_unavailable_reason() is None
-    assert len(_build.compiled_std_flags(_build.CPU)) == 1
-    for flags in (_build.CPU._cflags(), _build.CUDA._cflags(), _build.cuda_flags([80, 90])):
-        assert not [flag for flag in flags if flag.startswith(("-std", "--std"))], flags
-
-
-def test_name_hashes_sources(tmp_path):
-    for name in ("a.cpp", "h.h"):
-        (tmp_path / name).write_text("int x = 1;\n")
-    ext = _build._Extension("fastreg_probe", ["a.cpp"], ["h.h"], root=tmp_path)
-    first = ext.versioned_name()
-    assert first.startswith("fastreg_probe_") and first == ext.versioned_name()
-    (tmp_path / "h.h").write_text("int x = 2;\n")
-    assert ext.versioned_name() != first
-    assert _build.CPU.versioned_name().startswith("fastreg_cpu_")
-
-
-def test_failed_build_warns_once_and_reports_compiler_error(tmp_path, monkeypatch):
-    monkeypatch.setenv(_build.BUILD_DIR_ENV, str(tmp_path / "build"))
-    src = tmp_path / "src"
-    src.mkdir()
-    (src / "broken.cpp").write_text("#include <torch/library.h>\nint f() { return undefined_name; }\n")
-    ext = _build._Extension("fastreg_broken", ["broken.cpp"], [], root=src)
-    with pytest.warns(RuntimeWarning, match="undefined_name"):
-        reason = ext.ensure()
-    assert reason.startswith("build failed:") and "error:" in reason and "\n" not in reason
-    with warnings.catch_warnings():
-        warnings.simplefilter("error")
-        assert ext.ensure() == reason
-    assert (tmp_path / "build" / ext.versioned_name()).is_dir()
-
-
-def test_missing_sources_are_a_reason_not_a_crash(tmp_path):
-    ext = _build._Extension("fastreg_missing", ["nowhere.cpp"], [], root=tmp_path)
-    with pytest.warns(RuntimeWarning):
-        assert "not found" in ext.ensure()
-
-
-def _load_in_subprocess(build_root, timeout):
-    """Loads the cpu extension in a fresh process with FASTREG_BUILD_DIR=build_root: its reason and warnings."""
-    code = ("import warnings, fastreg._build as b\n"
-            "with warnings.catch_warnings(record=True) as caught:\n"
-            "    warnings.simplefilter('always')\n"
-            "    reason = b.cpu_unavailable_reason()\n"
-            "print('reason:', reason)\n"
-            "print('\\n'.join(str(w.message) for w in caught))\n")
-    env = dict(os.environ, **{_build.BUILD_DIR_ENV: str(build_root)})
-    return subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=timeout, check=True).stdout
-
-
-def _copy_of_the_build(tmp_path):
-    assert _build.cpu_unavailable_reason() is None
-    source = _build.CPU.build_directory()
-    copy = tmp_path / source.name
-    shutil.copytree(source, copy, ignore=shutil.ignore_patterns("lock"))
-    return copy
-
-
-def test_stale_lock_of_a_killed_build_is_removed(tmp_path):
-    build = _copy_of_the_build(tmp_path)
-    lock = build / "lock"
-    lock.touch()
-    old = time.time() - _build.STALE_LOCK_SECONDS - 60
-    os.utime(lock, (old, old))
-    out = _load_in_subprocess(tmp_path, timeout=300)  # cpp_extension would wait on the lock forever
-    assert "reason: None" in out and "left 16 minutes ago by a build that did not finish" in out
-    assert not lock.exists()
-
-
-@pytest.mark.slow
-def test_damaged_cached_binary_is_rebuilt(tmp_path):
-    build = _copy_of_the_build(tmp_path)
-    (binary,) = build.glob("*.so")
-    binary.write_bytes(binary.read_bytes()[:4096])  # a truncated copy: dlopen fails
-    out = _load_in_subprocess(tmp_path, timeout=600)
-    assert "reason: None" in out and "differs from the one recorded after its build (damaged); rebuilding it" in out
-    assert binary.stat().st_size > 4096
+# torch.compile (the build machinery's tests are in test_build.py)
 
 
 def test_torch_compile_fullgraph():
