@@ -154,7 +154,7 @@ def test_user_model_and_data_entry_points(tmp_path, monkeypatch, capsys):
 
 
 def test_fixed_seed_gives_identical_results(digits):
-    settings = [studies.Setting("dropout", dropout=0.3), studies.Setting("l1", l1=0.05, mode="decoupled")]
+    settings = [studies.StudySetting("dropout", dropout=0.3), studies.StudySetting("l1", l1=0.05, mode="decoupled")]
     config = studies.TrainConfig(epochs=2, seed=7)
 
     def run(config):
@@ -201,8 +201,8 @@ def test_sweep_on_an_overfitting_setup_picks_an_interior_strength():
 
 def test_decoupled_l1_zeros_are_counted_by_the_sparsity_report(digits):
     config = studies.TrainConfig(epochs=3)
-    decoupled = studies.train(studies.Setting("l1-decoupled", l1=0.5, mode="decoupled"), digits, config)
-    coupled = studies.train(studies.Setting("l1", l1=1e-3), digits, config)
+    decoupled = studies.train(studies.StudySetting("l1-decoupled", l1=0.5, mode="decoupled"), digits, config)
+    coupled = studies.train(studies.StudySetting("l1", l1=1e-3), digits, config)
     for run in (decoupled, coupled):
         params = dict(run.model.named_parameters())
         for layer in run.sparsity:
@@ -220,9 +220,9 @@ def test_decoupled_l1_zeros_are_counted_by_the_sparsity_report(digits):
 @pytest.mark.parametrize(
     "setting",
     [
-        studies.Setting("l1", l1=0.1),
-        studies.Setting("elasticnet-decoupled", l1=1.0, l2=10.0, mode="decoupled"),
-        studies.Setting("group-lasso", group_lasso=5.0, mode="decoupled", group_dim=0),
+        studies.StudySetting("l1", l1=0.1),
+        studies.StudySetting("elasticnet-decoupled", l1=1.0, l2=10.0, mode="decoupled"),
+        studies.StudySetting("group-lasso", group_lasso=5.0, mode="decoupled", group_dim=0),
     ],
     ids=lambda s: s.name,
 )
@@ -230,7 +230,7 @@ def test_one_layer_only_leaves_other_layers_updates_identical(digits, setting):
     """One full-batch step from the same weights: with --only fc1, every other parameter gets
     exactly the update it gets without regularization, and fc1.weight does not."""
     config = studies.TrainConfig(epochs=1, batch_size=len(digits.y_train), only=("fc1",))
-    plain = studies.train(studies.Setting("none"), digits, config).model.state_dict()
+    plain = studies.train(studies.StudySetting("none"), digits, config).model.state_dict()
     one_layer = studies.train(setting, digits, config)
     assert one_layer.regularized_layers == ["fc1.weight"]
     regularized = one_layer.model.state_dict()
@@ -243,7 +243,7 @@ def test_one_layer_only_leaves_other_layers_updates_identical(digits, setting):
 
 def test_regularization_groups_put_unselected_parameters_in_a_zero_group(digits):
     model = studies.mlp(digits.n_features, digits.n_classes)
-    setting = studies.Setting("l2", l2=0.1, l1=0.01)
+    setting = studies.StudySetting("l2", l2=0.1, l1=0.01)
     groups, regularized = studies.regularization_groups(model, setting, only=("fc2",), no_decay=())
     assert [p is model.fc2.weight or p is model.fc2.bias for p in groups[0]["params"]] == [True, True]
     assert (groups[0]["l1"], groups[0]["l2"], groups[0]["group_lasso"]) == (0.01, 0.1, 0.0)
@@ -252,7 +252,7 @@ def test_regularization_groups_put_unselected_parameters_in_a_zero_group(digits)
     assert [name for name, on in regularized.items() if on] == ["fc2.weight", "fc2.bias"]
     _, default_exclusions = studies.regularization_groups(model, setting)
     assert [name for name, on in default_exclusions.items() if on] == ["fc1.weight", "fc2.weight"]
-    _, unregularized = studies.regularization_groups(model, studies.Setting("none"))
+    _, unregularized = studies.regularization_groups(model, studies.StudySetting("none"))
     assert not any(unregularized.values())
 
 
@@ -268,22 +268,22 @@ def test_only_patterns():
 
 
 def test_setting_parse_and_validation():
-    setting = studies.Setting.parse("rows:group-lasso=0.5,mode=decoupled,group_dim=0")
-    assert setting == studies.Setting("rows", group_lasso=0.5, mode="decoupled", group_dim=0)
+    setting = studies.StudySetting.parse("rows:group-lasso=0.5,mode=decoupled,group_dim=0")
+    assert setting == studies.StudySetting("rows", group_lasso=0.5, mode="decoupled", group_dim=0)
     assert setting.describe() == "group_lasso=0.5 rows decoupled"
-    assert studies.Setting("none").describe() == "none" and not studies.Setting("none").regularized
+    assert studies.StudySetting("none").describe() == "none" and not studies.StudySetting("none").regularized
     with pytest.raises(ValueError, match="unknown key 'l3'"):
-        studies.Setting.parse("x:l3=1")
+        studies.StudySetting.parse("x:l3=1")
     with pytest.raises(ValueError, match="expected NAME:KEY=VALUE"):
-        studies.Setting.parse("l1=1e-3")
-    with pytest.raises(ValueError, match=r"Setting\('x'\).l1 must be finite and non-negative"):
-        studies.Setting("x", l1=-1.0)
-    with pytest.raises(ValueError, match=r"Setting\('x'\).mode must be one of coupled, decoupled"):
-        studies.Setting("x", mode="adamw")
+        studies.StudySetting.parse("l1=1e-3")
+    with pytest.raises(ValueError, match=r"StudySetting\('x'\).l1 must be finite and non-negative"):
+        studies.StudySetting("x", l1=-1.0)
+    with pytest.raises(ValueError, match=r"StudySetting\('x'\).mode must be one of coupled, decoupled"):
+        studies.StudySetting("x", mode="adamw")
     with pytest.raises(ValueError, match=r"dropout must be in \[0, 1\)"):
-        studies.Setting("x", dropout=1.0)
+        studies.StudySetting("x", dropout=1.0)
     with pytest.raises(ValueError, match="names must be unique, a repeat"):
-        studies.compare([studies.Setting("a"), studies.Setting("a", l1=1.0)], data=studies.load_data("iris"))
+        studies.compare([studies.StudySetting("a"), studies.StudySetting("a", l1=1.0)], data=studies.load_data("iris"))
 
 
 def test_data_and_grid_validation():
@@ -309,7 +309,7 @@ def test_binary_metrics_and_the_callers_random_state_is_kept():
     torch.manual_seed(123)
     expected = torch.rand(3)
     torch.manual_seed(123)
-    run = studies.train(studies.Setting("l2", l2=0.01), data, studies.TrainConfig(epochs=2))
+    run = studies.train(studies.StudySetting("l2", l2=0.01), data, studies.TrainConfig(epochs=2))
     assert torch.equal(torch.rand(3), expected)
     assert len(run.test.confusion_matrix) == 2 and 0.8 < run.test.roc_auc <= 1 and 0 < run.test.f1 <= 1
 
