@@ -86,7 +86,7 @@ def test_confusion_matrices_show_each_runs_matrix(compared, data):
     for ax, run in zip(fig.axes, compared.runs):
         (image,) = ax.images
         matrix = np.array(run.test.confusion_matrix)
-        assert np.array_equal(image.get_array(), matrix)
+        assert image.get_visible() and np.array_equal(image.get_array(), matrix)
         assert sorted(int(t.get_text()) for t in ax.texts) == sorted(matrix.ravel().tolist())
         assert ax.get_title() == f"{run.setting.name} (acc {run.test.accuracy:.3f})"
         assert [t.get_text() for t in ax.get_xticklabels()] == data.classes
