@@ -31,7 +31,7 @@ class MLP(nn.Module):
 
 
 def mlp(in_features: int, n_classes: int, *, hidden: int = 128, dropout: float = 0.0) -> MLP:
-    """The default model of the studies (a model function, see :func:`train`)."""
+    """The default model of the studies (a model function, see :func:`~fastreg.studies.train`)."""
     return MLP(in_features, n_classes, hidden=hidden, dropout=dropout)
 
 
