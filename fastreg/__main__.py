@@ -263,7 +263,7 @@ def cmd_compare(args: argparse.Namespace) -> int:
         unknown = [name for name in names if name not in by_name]
         if unknown:
             raise ValueError(f"--settings: unknown {', '.join(unknown)}; choose from {', '.join(by_name)}")
-        settings = [by_name[name] for name in names] + [studies.Setting.parse(spec) for spec in args.setting or ()]
+        settings = [by_name[name] for name in names] + [studies.StudySetting.parse(spec) for spec in args.setting or ()]
         if not settings:
             raise ValueError("--settings is empty and no --setting is given: nothing to compare")
         studies.check_study(settings, data, config, model_fn)

@@ -43,8 +43,9 @@ def load(path: str) -> Dict:
     return record
 
 
-def _fmt(value: Optional[float], spec: str) -> str:
-    return "" if value is None else format(value, spec)
+def format_optional(value: Optional[float], spec: str, missing: str = "") -> str:
+    """A table cell: ``value`` formatted with ``spec``, or ``missing`` where there is no value."""
+    return missing if value is None else format(value, spec)
 
 
 def title(run: Dict) -> str:
@@ -56,12 +57,12 @@ def table(run: Dict, tablefmt: str = "simple") -> str:
     rows = [
         [
             r["name"],
-            _fmt(r["median_ms"], ".3g"),
-            _fmt(r["gb_per_s"], ".1f"),
-            _fmt(r["x_floor"], ".2f"),
-            _fmt(r["speedup_vs_naive"], ".1f"),
-            _fmt(r["value_error"], ".1e"),
-            _fmt(r["tensor_error"], ".1e"),
+            format_optional(r["median_ms"], ".3g"),
+            format_optional(r["gb_per_s"], ".1f"),
+            format_optional(r["x_floor"], ".2f"),
+            format_optional(r["speedup_vs_naive"], ".1f"),
+            format_optional(r["value_error"], ".1e"),
+            format_optional(r["tensor_error"], ".1e"),
             r["note"],
         ]
         for r in run["results"]
@@ -91,7 +92,7 @@ def markdown(records: Sequence[Dict]) -> str:
             row = [name]
             for i in range(len(records)):
                 r = by_record.get(i)
-                row += [_fmt(r and r["median_ms"], ".3g"), _fmt(r and r["x_floor"], ".2f")]
+                row += [format_optional(r and r["median_ms"], ".3g"), format_optional(r and r["x_floor"], ".2f")]
             body.append(row)
         lines += [f"### {heading}", "", tabulate(body, headers=headers, tablefmt="github", disable_numparse=True), ""]
     return "\n".join(lines)

@@ -1,20 +1,21 @@
-"""Regularization studies (fastreg.studies, python -m fastreg compare / sweep) on tiny settings."""
+"""Regularization studies through the Python API (fastreg.studies) on tiny settings; the
+commands are in test_studies_cli.py, the figures in test_study_plots.py."""
 from __future__ import annotations
 
 import csv
 import json
-import sys
-import textwrap
 
+import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
+from sklearn import metrics
 from torch import nn
 
 from fastreg import studies
-from fastreg.__main__ import main
 
-PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
-TINY = ["--epochs", "2", "--max-train", "80", "--no-progress"]
+EPS64 = torch.finfo(torch.float64).eps
+EPS32 = torch.finfo(torch.float32).eps
 
 
 @pytest.fixture(scope="module")
@@ -27,140 +28,19 @@ def read_csv(path):
         return list(csv.DictReader(f))
 
 
-def assert_png(path):
-    data = path.read_bytes()
-    assert data.startswith(PNG_SIGNATURE), path
-    assert len(data) > 2000, path
-    image = pytest.importorskip("matplotlib.image").imread(path)
-    assert image.shape[0] > 100 and image.shape[1] > 100
-
-
-# -- the commands, end to end --------------------------------------------------------------
-
-
-def test_compare_command_writes_its_run_folder(tmp_path, capsys):
-    out = tmp_path / "compare"
-    argv = ["compare", *TINY, "--settings", "none,l1-decoupled,dropout", "--setting", "mine:l2=0.1,mode=decoupled", "--out", str(out)]
-    assert main(argv) == 0
-    printed = capsys.readouterr().out
-    for name in ("none", "l1-decoupled", "dropout", "mine", "ROC-AUC", "zero weights"):
-        assert name in printed
-
-    record = json.loads((out / "results.json").read_text())
-    assert record["schema"] == "fastreg-compare/1"
-    assert record["config"]["epochs"] == 2 and record["data"]["train"] == 80
-    runs = {run["setting"]["name"]: run for run in record["runs"]}
-    assert list(runs) == ["none", "l1-decoupled", "dropout", "mine"]
-    assert runs["mine"]["setting"] == {"name": "mine", "l1": 0.0, "l2": 0.1, "group_lasso": 0.0, "mode": "decoupled", "group_dim": None, "dropout": 0.0}
-    assert runs["none"]["regularized_layers"] == [] and runs["dropout"]["regularized_layers"] == []
-    assert runs["l1-decoupled"]["regularized_layers"] == ["fc1.weight", "fc2.weight"]
-    for run in runs.values():
-        assert [h["epoch"] for h in run["history"]] == [1, 2]
-        matrix = run["test"]["confusion_matrix"]
-        assert len(matrix) == 10 and sum(map(sum, matrix)) == record["data"]["test"]
-        assert 0 <= run["test"]["f1"] <= 1 and 0.5 < run["test"]["roc_auc"] <= 1
-    assert runs["none"]["history"][0]["penalty"] is None and runs["l1-decoupled"]["history"][0]["penalty"] > 0
-
-    history = read_csv(out / "history.csv")
-    assert len(history) == 4 * 2 and set(history[0]) == set(studies.HISTORY_HEADER)
-    metrics = read_csv(out / "metrics.csv")
-    assert [row["setting"] for row in metrics] == list(runs)
-    assert float(metrics[0]["accuracy"]) == pytest.approx(runs["none"]["test"]["accuracy"])
-    sparsity = read_csv(out / "sparsity.csv")
-    assert len(sparsity) == 4 * 6
-    assert {row["parameter"] for row in sparsity if row["regularized"] == "True"} == {"fc1.weight", "fc2.weight"}
-    for name in ("learning_curves.png", "metrics.png", "confusion_matrices.png", "sparsity.png"):
-        assert_png(out / name)
-
-
-def test_sweep_command_writes_its_run_folder_and_reports_the_best(tmp_path, capsys):
-    out = tmp_path / "sweep"
-    argv = ["sweep", *TINY, "--kind", "l1", "--mode", "decoupled", "--strengths", "1e-3,1e-2,1e-1", "--only", "fc1", "--out", str(out)]
-    assert main(argv) == 0
-    printed = capsys.readouterr().out
-    assert "<- best" in printed and "best l1 (decoupled) =" in printed and "on fc1.weight" in printed
-
-    record = json.loads((out / "results.json").read_text())
-    assert record["schema"] == "fastreg-sweep/1"
-    assert record["strengths"] == pytest.approx([1e-3, 1e-2, 1e-1])
-    assert record["best_strength"] == record["strengths"][record["best_index"]]
-    assert record["baseline"]["regularized_layers"] == []
-    for run in record["runs"]:
-        assert run["regularized_layers"] == ["fc1.weight"]
-    val_losses = [run["history"][-1]["val_loss"] for run in record["runs"]]
-    assert record["best_index"] == val_losses.index(min(val_losses))
-
-    rows = read_csv(out / "sweep.csv")
-    assert [float(row["strength"]) for row in rows] == pytest.approx([1e-3, 1e-2, 1e-1])
-    assert [row["best"] for row in rows].count("True") == 1
-    assert len(read_csv(out / "history.csv")) == 4 * 2  # baseline + 3 strengths
-    for name in ("sweep.png", "sparsity.png"):
-        assert_png(out / name)
-
-
-def test_commands_reject_bad_options_before_training(tmp_path):
-    with pytest.raises(SystemExit, match="--settings: unknown nope"):
-        main(["compare", *TINY, "--settings", "none,nope", "--out", str(tmp_path)])
-    with pytest.raises(SystemExit, match="only: pattern 'fc9' matches no parameter; the model has fc1.weight"):
-        main(["compare", *TINY, "--only", "fc9", "--out", str(tmp_path)])
-    with pytest.raises(SystemExit, match="--strengths must be a comma list of numbers"):
-        main(["sweep", *TINY, "--strengths", "1e-3,big", "--out", str(tmp_path)])
-    with pytest.raises(SystemExit, match="epochs must be a positive integer"):
-        main(["sweep", "--epochs", "0", "--no-progress", "--out", str(tmp_path)])
-    assert not any(tmp_path.iterdir())
-
-
-def test_missing_optional_package_names_the_extra(monkeypatch, tmp_path):
-    monkeypatch.setitem(sys.modules, "tqdm", None)  # makes `import tqdm` raise ImportError
-    with pytest.raises(SystemExit, match=r'tqdm, not installed here: pip install "fastreg\[study\]"'):
-        main(["compare", "--epochs", "1", "--out", str(tmp_path)])
-    with pytest.raises(studies.MissingDependency, match=r'pip install "fastreg\[study\]"'):
-        studies.require(plots=False, progress=True)
-    studies.require(plots=False, progress=False)
-
-
-def test_user_model_and_data_entry_points(tmp_path, monkeypatch, capsys):
-    (tmp_path / "my_study.py").write_text(
-        textwrap.dedent(
-            """
-            import numpy as np
-            import torch
-
-            def data():
-                rng = np.random.default_rng(0)
-                X = rng.normal(size=(150, 5))
-                return X, np.where(X[:, 0] + X[:, 1] > 0, "yes", "no")
-
-            def model(in_features, n_classes):
-                return torch.nn.Sequential(torch.nn.Linear(in_features, 8), torch.nn.ReLU(), torch.nn.Linear(8, n_classes))
-            """
-        )
-    )
-    monkeypatch.chdir(tmp_path)
-    monkeypatch.syspath_prepend(str(tmp_path))
-    argv = ["compare", "--data", "my_study:data", "--model", "my_study:model", "--epochs", "2", "--no-progress", "--no-plots"]
-    assert main([*argv, "--settings", "none,l2", "--only", "0", "--out", "run"]) == 0
-    record = json.loads((tmp_path / "run" / "results.json").read_text())
-    assert record["data"]["classes"] == ["no", "yes"] and record["data"]["features"] == 5
-    assert record["runs"][1]["regularized_layers"] == ["0.weight"]
-    assert not list((tmp_path / "run").glob("*.png"))
-    with pytest.raises(SystemExit, match="takes no 'dropout' argument"):
-        main([*argv, "--settings", "dropout", "--out", "run2"])
-    with pytest.raises(SystemExit, match="--hidden sets the built-in MLP's width"):
-        main([*argv, "--hidden", "16", "--out", "run3"])
-
-
 # -- what the studies measure -----------------------------------------------------------------
 
 
 def test_fixed_seed_gives_identical_results(digits):
-    settings = [studies.Setting("dropout", dropout=0.3), studies.Setting("l1", l1=0.05, mode="decoupled")]
+    settings = [studies.StudySetting("dropout", dropout=0.3), studies.StudySetting("l1", l1=0.05, mode="decoupled")]
     config = studies.TrainConfig(epochs=2, seed=7)
 
     def run(config):
         result = studies.compare(settings, digits, config).to_dict()
+        # What differs between two identical runs: how long each took and when it ran.
         for r in result["runs"]:
             r.pop("seconds")
+        result["environment"].pop("created")
         return result
 
     first = run(config)
@@ -201,8 +81,8 @@ def test_sweep_on_an_overfitting_setup_picks_an_interior_strength():
 
 def test_decoupled_l1_zeros_are_counted_by_the_sparsity_report(digits):
     config = studies.TrainConfig(epochs=3)
-    decoupled = studies.train(studies.Setting("l1-decoupled", l1=0.5, mode="decoupled"), digits, config)
-    coupled = studies.train(studies.Setting("l1", l1=1e-3), digits, config)
+    decoupled = studies.train(studies.StudySetting("l1-decoupled", l1=0.5, mode="decoupled"), digits, config)
+    coupled = studies.train(studies.StudySetting("l1", l1=1e-3), digits, config)
     for run in (decoupled, coupled):
         params = dict(run.model.named_parameters())
         for layer in run.sparsity:
@@ -220,9 +100,9 @@ def test_decoupled_l1_zeros_are_counted_by_the_sparsity_report(digits):
 @pytest.mark.parametrize(
     "setting",
     [
-        studies.Setting("l1", l1=0.1),
-        studies.Setting("elasticnet-decoupled", l1=1.0, l2=10.0, mode="decoupled"),
-        studies.Setting("group-lasso", group_lasso=5.0, mode="decoupled", group_dim=0),
+        studies.StudySetting("l1", l1=0.1),
+        studies.StudySetting("elasticnet-decoupled", l1=1.0, l2=10.0, mode="decoupled"),
+        studies.StudySetting("group-lasso", group_lasso=5.0, mode="decoupled", group_dim=0),
     ],
     ids=lambda s: s.name,
 )
@@ -230,7 +110,7 @@ def test_one_layer_only_leaves_other_layers_updates_identical(digits, setting):
     """One full-batch step from the same weights: with --only fc1, every other parameter gets
     exactly the update it gets without regularization, and fc1.weight does not."""
     config = studies.TrainConfig(epochs=1, batch_size=len(digits.y_train), only=("fc1",))
-    plain = studies.train(studies.Setting("none"), digits, config).model.state_dict()
+    plain = studies.train(studies.StudySetting("none"), digits, config).model.state_dict()
     one_layer = studies.train(setting, digits, config)
     assert one_layer.regularized_layers == ["fc1.weight"]
     regularized = one_layer.model.state_dict()
@@ -243,7 +123,7 @@ def test_one_layer_only_leaves_other_layers_updates_identical(digits, setting):
 
 def test_regularization_groups_put_unselected_parameters_in_a_zero_group(digits):
     model = studies.mlp(digits.n_features, digits.n_classes)
-    setting = studies.Setting("l2", l2=0.1, l1=0.01)
+    setting = studies.StudySetting("l2", l2=0.1, l1=0.01)
     groups, regularized = studies.regularization_groups(model, setting, only=("fc2",), no_decay=())
     assert [p is model.fc2.weight or p is model.fc2.bias for p in groups[0]["params"]] == [True, True]
     assert (groups[0]["l1"], groups[0]["l2"], groups[0]["group_lasso"]) == (0.01, 0.1, 0.0)
@@ -252,7 +132,7 @@ def test_regularization_groups_put_unselected_parameters_in_a_zero_group(digits)
     assert [name for name, on in regularized.items() if on] == ["fc2.weight", "fc2.bias"]
     _, default_exclusions = studies.regularization_groups(model, setting)
     assert [name for name, on in default_exclusions.items() if on] == ["fc1.weight", "fc2.weight"]
-    _, unregularized = studies.regularization_groups(model, studies.Setting("none"))
+    _, unregularized = studies.regularization_groups(model, studies.StudySetting("none"))
     assert not any(unregularized.values())
 
 
@@ -268,50 +148,189 @@ def test_only_patterns():
 
 
 def test_setting_parse_and_validation():
-    setting = studies.Setting.parse("rows:group-lasso=0.5,mode=decoupled,group_dim=0")
-    assert setting == studies.Setting("rows", group_lasso=0.5, mode="decoupled", group_dim=0)
+    setting = studies.StudySetting.parse("rows:group-lasso=0.5,mode=decoupled,group_dim=0")
+    assert setting == studies.StudySetting("rows", group_lasso=0.5, mode="decoupled", group_dim=0)
     assert setting.describe() == "group_lasso=0.5 rows decoupled"
-    assert studies.Setting("none").describe() == "none" and not studies.Setting("none").regularized
+    assert studies.StudySetting("none").describe() == "none" and not studies.StudySetting("none").regularized
     with pytest.raises(ValueError, match="unknown key 'l3'"):
-        studies.Setting.parse("x:l3=1")
+        studies.StudySetting.parse("x:l3=1")
     with pytest.raises(ValueError, match="expected NAME:KEY=VALUE"):
-        studies.Setting.parse("l1=1e-3")
-    with pytest.raises(ValueError, match=r"Setting\('x'\).l1 must be finite and non-negative"):
-        studies.Setting("x", l1=-1.0)
-    with pytest.raises(ValueError, match=r"Setting\('x'\).mode must be one of coupled, decoupled"):
-        studies.Setting("x", mode="adamw")
+        studies.StudySetting.parse("l1=1e-3")
+    with pytest.raises(ValueError, match=r"StudySetting\('x'\).l1 must be finite and non-negative"):
+        studies.StudySetting("x", l1=-1.0)
+    with pytest.raises(ValueError, match=r"StudySetting\('x'\).mode must be one of coupled, decoupled"):
+        studies.StudySetting("x", mode="adamw")
     with pytest.raises(ValueError, match=r"dropout must be in \[0, 1\)"):
-        studies.Setting("x", dropout=1.0)
+        studies.StudySetting("x", dropout=1.0)
     with pytest.raises(ValueError, match="names must be unique, a repeat"):
-        studies.compare([studies.Setting("a"), studies.Setting("a", l1=1.0)], data=studies.load_data("iris"))
+        studies.compare([studies.StudySetting("a"), studies.StudySetting("a", l1=1.0)], data=studies.load_data("iris"))
 
 
 def test_data_and_grid_validation():
-    assert studies.log_grid(1e-3, 1e1, 5) == pytest.approx([1e-3, 1e-2, 1e-1, 1.0, 10.0])
+    assert studies.log_grid(1e-3, 1e1, 5) == pytest.approx([1e-3, 1e-2, 1e-1, 1.0, 10.0], rel=8 * EPS64)
     with pytest.raises(ValueError, match="0 < low < high"):
         studies.log_grid(0.0, 1.0, 3)
     with pytest.raises(ValueError, match="X must have shape"):
         studies.split_data([1.0, 2.0, 3.0], [0, 1, 0])
     with pytest.raises(ValueError, match="at least two classes"):
         studies.split_data([[1.0]] * 10, [0] * 10)
+    with pytest.raises(ValueError, match="X has NaN or infinite values"):
+        studies.split_data([[1.0], [float("nan")]] * 10, [0, 1] * 10)
     with pytest.raises(ValueError, match="data must be one of digits"):
         studies.load_data("mnist")
     with pytest.raises(ValueError, match="max_train must be an integer >= the number of classes"):
         studies.load_data("digits", max_train=5)
-    iris = studies.load_data("iris", seed=3)
-    assert iris.sizes() == {"train": 90, "val": 30, "test": 30}
-    assert torch.allclose(iris.X_train.mean(0), torch.zeros(4), atol=1e-5)
-    assert sorted(torch.bincount(iris.y_test).tolist()) == [10, 10, 10]  # stratified
+    with pytest.raises(ValueError, match="val_fraction \\+ test_fraction must be < 1"):
+        studies.load_data("iris", val_fraction=0.5, test_fraction=0.5)
 
 
-def test_binary_metrics_and_the_callers_random_state_is_kept():
-    data = studies.load_data("breast_cancer", max_train=100)
+def test_split_is_stratified_disjoint_and_standardized_with_the_training_statistics():
+    n = 150
+    ids = np.arange(n, dtype=np.float64)
+    X = np.stack([ids, np.sin(ids)], axis=1)  # column 0 tells each sample apart
+    y = np.array(["a", "b", "c"])[np.arange(n) % 3]
+    data = studies.split_data(X, y, seed=3)
+    assert data.sizes() == {"train": 90, "val": 30, "test": 30} and data.classes == ["a", "b", "c"]
+    train = data.X_train.double()
+    assert torch.allclose(train.mean(0), torch.zeros(2, dtype=torch.float64), atol=8 * EPS32)
+    assert torch.allclose(train.std(0, unbiased=False), torch.ones(2, dtype=torch.float64), atol=8 * EPS32)
+    # Every part standardized with the same (training) mean and deviation: together, column 0
+    # of the three parts is an evenly spaced image of 0..n-1, each sample exactly once.
+    parts = (data.X_train, data.X_val, data.X_test)
+    standardized = torch.cat([part[:, 0].double() for part in parts])
+    step = (standardized.max() - standardized.min()) / (n - 1)
+    recovered = (standardized - standardized.min()) / step
+    assert torch.allclose(recovered, recovered.round(), atol=8 * EPS32 * n)
+    assert sorted(recovered.round().long().tolist()) == list(range(n))
+    # Labels stay with their samples, and each class is a third of every part.
+    for part, labels in zip(parts, (data.y_train, data.y_val, data.y_test)):
+        sample = ((part[:, 0].double() - standardized.min()) / step).round().long()
+        assert torch.equal(labels, sample % 3)
+        assert torch.bincount(labels).tolist() == [len(labels) // 3] * 3
+
+
+def test_max_train_keeps_a_stratified_subset_of_the_training_set():
+    full = studies.load_data("digits", seed=1)
+    small = studies.load_data("digits", seed=1, max_train=100)
+    assert small.sizes() == {**full.sizes(), "train": 100}
+    # The same held-out samples: only the training set shrinks.
+    assert torch.equal(small.y_val, full.y_val) and torch.equal(small.y_test, full.y_test)
+    counts = torch.bincount(small.y_train, minlength=10)
+    assert int(counts.max() - counts.min()) <= 1
+
+
+def test_the_callers_random_state_is_kept(digits):
     torch.manual_seed(123)
     expected = torch.rand(3)
     torch.manual_seed(123)
-    run = studies.train(studies.Setting("l2", l2=0.01), data, studies.TrainConfig(epochs=2))
+    studies.train(studies.StudySetting("dropout", dropout=0.5), digits, studies.TrainConfig(epochs=1))
     assert torch.equal(torch.rand(3), expected)
-    assert len(run.test.confusion_matrix) == 2 and 0.8 < run.test.roc_auc <= 1 and 0 < run.test.f1 <= 1
+
+
+@pytest.mark.parametrize("name", ["digits", "breast_cancer"])
+def test_test_metrics_are_sklearns_on_the_models_own_predictions(name):
+    """Loss, accuracy, precision, recall, F1 (macro; of the positive class for two classes),
+    one-vs-rest ROC-AUC and the confusion matrix, recomputed from the trained model's
+    predictions on the test set."""
+    data = studies.load_data(name, max_train=100)
+    run = studies.train(studies.StudySetting("l2", l2=0.01), data, studies.TrainConfig(epochs=2, threads=1))
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # the run's thread count: the logits are bit for bit the run's own
+    try:
+        with torch.no_grad():
+            logits = run.model.eval()(data.X_test)
+    finally:
+        torch.set_num_threads(threads)
+    truth, predicted = data.y_test.numpy(), logits.argmax(1).numpy()
+    proba = torch.softmax(logits.double(), dim=1).numpy()
+    if data.n_classes == 2:
+        average, roc_auc = "binary", metrics.roc_auc_score(truth, proba[:, 1])
+    else:
+        average, roc_auc = "macro", metrics.roc_auc_score(truth, proba, multi_class="ovr", average="macro")
+    expected = {
+        "loss": F.cross_entropy(logits, data.y_test).item(),
+        "accuracy": metrics.accuracy_score(truth, predicted),
+        "precision": metrics.precision_score(truth, predicted, average=average, zero_division=0),
+        "recall": metrics.recall_score(truth, predicted, average=average, zero_division=0),
+        "f1": metrics.f1_score(truth, predicted, average=average, zero_division=0),
+        "roc_auc": roc_auc,
+    }
+    for key, value in expected.items():
+        assert getattr(run.test, key) == pytest.approx(value, rel=4 * EPS64, abs=0), key
+    assert run.test.confusion_matrix == metrics.confusion_matrix(truth, predicted).tolist()
+    # Predictions of every class, with errors that set precision, recall and F1 apart: one
+    # reported in place of another could not pass.
+    assert len(set(predicted.tolist())) == data.n_classes
+    assert len({run.test.precision, run.test.recall, run.test.f1}) == 3
+
+
+def expected_csv(rows):
+    """Rows as csv.DictReader reads them back: every value as Python's str() writes it."""
+    return [{key: "" if value is None else str(value) for key, value in row.items()} for row in rows]
+
+
+def history_rows(labelled):
+    return [
+        {"setting": label, **{key: getattr(r, key) for key in studies.HISTORY_HEADER[1:]}} for label, run in labelled for r in run.history
+    ]
+
+
+def sparsity_rows(labelled):
+    return [
+        {"setting": label, "parameter": layer.name, "regularized": layer.regularized, "numel": layer.numel, "zeros": layer.zeros, "zero_fraction": layer.zero_fraction}
+        for label, run in labelled
+        for layer in run.sparsity
+    ]
+
+
+def metric_values(run):
+    t = run.test
+    values = [t.accuracy, t.precision, t.recall, t.f1, t.roc_auc, t.loss, run.zero_fraction]
+    return dict(zip(studies.METRIC_HEADER, values))
+
+
+def test_compare_run_folder_holds_the_results(tmp_path, digits):
+    settings = [studies.StudySetting("none"), studies.StudySetting("l1-decoupled", l1=0.5, mode="decoupled")]
+    result = studies.compare(settings, digits, studies.TrainConfig(epochs=2, only=("fc1",)))
+    written = studies.write_run(result, tmp_path / "run", plots=False)
+    assert [p.name for p in written] == ["results.json", "metrics.csv", "history.csv", "sparsity.csv"]
+    assert json.loads(written[0].read_text()) == json.loads(json.dumps(result.to_dict()))
+    labelled = [(run.setting.name, run) for run in result.runs]
+    assert read_csv(written[1]) == expected_csv(
+        {"setting": run.setting.name, "regularization": run.setting.describe(), "regularized_layers": "fc1.weight" if run.setting.regularized else "", **metric_values(run)}
+        for run in result.runs
+    )
+    assert read_csv(written[2]) == expected_csv(history_rows(labelled))
+    assert read_csv(written[3]) == expected_csv(sparsity_rows(labelled))
+    assert result.run("l1-decoupled").sparsity[0].zeros > 0 and result.run("none").history[0].penalty is None
+
+
+def test_sweep_run_folder_holds_the_results(tmp_path, digits):
+    result = studies.sweep("l2", [1e-2, 1.0], data=digits, config=studies.TrainConfig(epochs=2))
+    written = studies.write_run(result, tmp_path / "run", plots=False)
+    assert [p.name for p in written] == ["results.json", "sweep.csv", "history.csv", "sparsity.csv"]
+    record = json.loads(written[0].read_text())
+    assert record == json.loads(json.dumps(result.to_dict()))
+    assert record["baseline"]["setting"]["name"] == "none" and record["best_strength"] == result.strengths[result.best_index]
+    finals = ("train_loss", "train_accuracy", "val_loss", "val_accuracy")
+    assert read_csv(written[1]) == expected_csv(
+        {"strength": s, **{key: getattr(run.final, key) for key in finals}, **metric_values(run), "best": i == result.best_index}
+        for i, (s, run) in enumerate(zip(result.strengths, result.runs))
+    )
+    labelled = [("none", result.baseline), ("l2=0.01", result.runs[0]), ("l2=1", result.runs[1])]
+    assert read_csv(written[2]) == expected_csv(history_rows(labelled))
+    assert read_csv(written[3]) == expected_csv(sparsity_rows(labelled))
+
+
+def test_results_json_writes_a_diverged_runs_nan_as_null(tmp_path, digits):
+    result = studies.compare([studies.StudySetting("none")], digits, studies.TrainConfig(epochs=1))
+    result.runs[0].history[0].val_loss = float("nan")
+    result.runs[0].test.loss = float("inf")
+    (path, *_) = studies.write_run(result, tmp_path, plots=False)
+    text = path.read_text()
+    assert "NaN" not in text and "Infinity" not in text
+    record = json.loads(text)
+    assert record["runs"][0]["history"][0]["val_loss"] is None and record["runs"][0]["test"]["loss"] is None
 
 
 @pytest.mark.slow

@@ -1,38 +1,37 @@
 """The figures of a study's run folder (matplotlib, imported only here).
 
 Figures are built with matplotlib's object-oriented API (``Figure``, never ``pyplot``), so
-writing them neither needs a display nor changes the caller's matplotlib backend.
+making and saving them neither needs a display nor changes the caller's matplotlib backend.
+Each function returns its ``Figure``; :func:`compare_figures` and :func:`sweep_figures`
+name them by the file :func:`~fastreg.studies.write_run` saves them to.
 """
 from __future__ import annotations
 
 import math
-from pathlib import Path
-from typing import TYPE_CHECKING, List, Optional, Sequence
+from typing import Any, Dict, Optional, Sequence
 
-from ._optional import optional_import
-
-if TYPE_CHECKING:
-    from .studies import CompareResult, RunResult, SweepResult
+from .._optional import optional_import
+from ..report import format_optional
+from .results import CompareResult, RunResult, SweepResult
+from .tables import MISSING, compare_cells
 
 DPI = 80
 UNREGULARIZED_HATCH = "//"
 
 
-def _figure(width: float, height: float):
+Figure = Any  # matplotlib.figure.Figure, imported on use
+
+
+def _figure(width: float, height: float) -> Figure:
     figure_module = optional_import("matplotlib.figure", "plots")
     return figure_module.Figure(figsize=(width, height), dpi=DPI, layout="constrained")
 
 
-def _save(fig, path: Path) -> Path:
-    fig.savefig(path)
-    return path
-
-
-def _title(run: "RunResult") -> str:
+def _title(run: RunResult) -> str:
     return f"{run.setting.name}\n{run.setting.describe()}\nregularized: {run.layers_label}"
 
 
-def learning_curves(result: "CompareResult", path: Path) -> Path:
+def learning_curves(result: CompareResult) -> Figure:
     """Per setting, side by side: loss, accuracy (train and validation) and the penalty per epoch."""
     runs = result.runs
     fig = _figure(2.6 * len(runs) + 0.6, 7.2)
@@ -62,21 +61,16 @@ def learning_curves(result: "CompareResult", path: Path) -> Path:
     axes[2, 0].set_ylabel("penalty (epoch mean)")
     axes[0, 0].legend(fontsize=8)
     fig.suptitle(f"learning curves on {result.data['name']} (same seed, split and batch order)")
-    return _save(fig, path)
+    return fig
 
 
 METRIC_COLUMNS = ("setting", "regularization", "layers", "test acc", "precision", "recall", "F1", "ROC-AUC", "zero weights")
+BOLD_BEST = ("test acc", "precision", "recall", "F1", "ROC-AUC")
 
 
-def _metric_row(run: "RunResult") -> List[str]:
-    t = run.test
-    roc_auc = "-" if t.roc_auc is None else f"{t.roc_auc:.4f}"
-    return [run.setting.name, run.setting.describe(), run.layers_label, f"{t.accuracy:.3f}", f"{t.precision:.3f}", f"{t.recall:.3f}", f"{t.f1:.3f}", roc_auc, f"{run.zero_fraction:.1%}"]
-
-
-def metrics_table(result: "CompareResult", path: Path) -> Path:
+def metrics_table(result: CompareResult) -> Figure:
     """The test metrics as a table, the best value of each metric in bold."""
-    rows = [_metric_row(run) for run in result.runs]
+    rows = [[cells[column] for column in METRIC_COLUMNS] for cells in map(compare_cells, result.runs)]
     fig = _figure(13, 0.3 * (len(rows) + 1) + 0.5)
     ax = fig.add_subplot()
     ax.axis("off")
@@ -84,14 +78,14 @@ def metrics_table(result: "CompareResult", path: Path) -> Path:
     table.auto_set_font_size(False)
     table.set_fontsize(9)
     table.auto_set_column_width(list(range(len(METRIC_COLUMNS))))
-    for column in range(3, 8):
-        values = [float(row[column]) if row[column] != "-" else -math.inf for row in rows]
+    for column in map(METRIC_COLUMNS.index, BOLD_BEST):
+        values = [-math.inf if row[column] == MISSING else float(row[column]) for row in rows]
         best = max(values)
         for i, value in enumerate(values):
             if value == best:
                 table[i + 1, column].get_text().set_fontweight("bold")
     ax.set_title(f"test set ({result.data['test']} samples of {result.data['name']}); bold: best", fontsize=10)
-    return _save(fig, path)
+    return fig
 
 
 def _grid(count: int, columns: int):
@@ -99,7 +93,7 @@ def _grid(count: int, columns: int):
     return math.ceil(count / columns), columns
 
 
-def confusion_matrices(result: "CompareResult", path: Path) -> Path:
+def confusion_matrices(result: CompareResult) -> Figure:
     """One test-set confusion matrix per setting (scikit-learn's ``ConfusionMatrixDisplay``)."""
     np = optional_import("numpy", "plots")
     metrics = optional_import("sklearn.metrics", "plots")
@@ -118,10 +112,10 @@ def confusion_matrices(result: "CompareResult", path: Path) -> Path:
     for ax in axes.flat[len(result.runs) :]:
         ax.axis("off")
     fig.suptitle("confusion matrices on the test set")
-    return _save(fig, path)
+    return fig
 
 
-def sparsity_per_layer(runs: Sequence["RunResult"], path: Path, title: str) -> Path:
+def sparsity_per_layer(runs: Sequence[RunResult], title: str) -> Figure:
     """Exactly-zero weights per parameter and setting; hatched bars were not regularized."""
     names = [layer.name for layer in runs[0].sparsity]
     fig = _figure(min(16.0, max(7.0, 0.3 * len(names) * len(runs) + 2)), 4.2)
@@ -142,16 +136,17 @@ def sparsity_per_layer(runs: Sequence["RunResult"], path: Path, title: str) -> P
     ax.grid(axis="y", alpha=0.3)
     ax.legend(fontsize=7, ncols=min(4, len(runs)), loc="upper right")
     ax.set_title(f"{title} (hatched: parameter not regularized in that run)", fontsize=10)
-    return _save(fig, path)
+    return fig
 
 
-def compare_figures(result: "CompareResult", folder: Path) -> List[Path]:
-    return [
-        learning_curves(result, folder / "learning_curves.png"),
-        metrics_table(result, folder / "metrics.png"),
-        confusion_matrices(result, folder / "confusion_matrices.png"),
-        sparsity_per_layer(result.runs, folder / "sparsity.png", "exactly-zero weights per layer"),
-    ]
+def compare_figures(result: CompareResult) -> Dict[str, Figure]:
+    """The figures of a compare run folder, by file name."""
+    return {
+        "learning_curves.png": learning_curves(result),
+        "metrics.png": metrics_table(result),
+        "confusion_matrices.png": confusion_matrices(result),
+        "sparsity.png": sparsity_per_layer(result.runs, "exactly-zero weights per layer"),
+    }
 
 
 def _baseline_line(ax, value: Optional[float], color: str, label: str) -> None:
@@ -159,7 +154,7 @@ def _baseline_line(ax, value: Optional[float], color: str, label: str) -> None:
         ax.axhline(value, color=color, linestyle=":", linewidth=1, label=label)
 
 
-def sweep_figure(result: "SweepResult", path: Path) -> Path:
+def sweep_figure(result: SweepResult) -> Figure:
     """Train and validation loss and accuracy, and sparsity, against the strength (log
     scale), with the best strength on validation data marked and its test metrics."""
     strengths = result.strengths
@@ -192,12 +187,11 @@ def sweep_figure(result: "SweepResult", path: Path) -> Path:
     zeros_ax.set_ylim(0, 1)
     for ax in (loss_ax, accuracy_ax, zeros_ax):
         ax.legend(fontsize=7)
-    roc_auc = "-" if best.test.roc_auc is None else f"{best.test.roc_auc:.4f}"
     zeros_ax.text(
         0.03,
         0.8,
         f"best ({result.select.replace('_', ' ')}): {result.best_strength:.3g}\n"
-        f"test acc {best.test.accuracy:.4f}\nF1 {best.test.f1:.4f}\nROC-AUC {roc_auc}",
+        f"test acc {best.test.accuracy:.4f}\nF1 {best.test.f1:.4f}\nROC-AUC {format_optional(best.test.roc_auc, '.4f', MISSING)}",
         transform=zeros_ax.transAxes,
         va="top",
         fontsize=8,
@@ -207,12 +201,12 @@ def sweep_figure(result: "SweepResult", path: Path) -> Path:
         f"{result.kind} sweep on {result.data['name']}: regularized {best.layers_label}; "
         f"green line: best on validation data"
     )
-    return _save(fig, path)
+    return fig
 
 
-def sweep_figures(result: "SweepResult", folder: Path) -> List[Path]:
-    runs = ([result.baseline] if result.baseline is not None else []) + result.runs
-    return [
-        sweep_figure(result, folder / "sweep.png"),
-        sparsity_per_layer(runs, folder / "sparsity.png", f"exactly-zero weights per layer by {result.kind} strength"),
-    ]
+def sweep_figures(result: SweepResult) -> Dict[str, Figure]:
+    """The figures of a sweep run folder, by file name."""
+    return {
+        "sweep.png": sweep_figure(result),
+        "sparsity.png": sparsity_per_layer(result.trained, f"exactly-zero weights per layer by {result.kind} strength"),
+    }
