@@ -30,7 +30,7 @@ from torch import Tensor
 from .triton_norms import DECAY_SHRINK, finalize_programs, launch_finalize, launch_sums, step_constants
 from .triton_table import (
     ACCUMULATE,
-    BLOCK,
+    BLOCKS,
     LAUNCH_OPTIONS,
     OP_DECAY,
     TL_DTYPES,
@@ -48,7 +48,7 @@ from .triton_table import (
 
 @triton.jit(do_not_specialize=["lr_bits", "a_bits", "b_bits"])
 def decay_kernel(
-    table, shrinks, lr, lr_bits, a_bits, b_bits,
+    table, shrinks, lr, lr_bits: tl.int64, a_bits: tl.int64, b_bits: tl.int64,
     DTYPE: tl.constexpr, ACC: tl.constexpr, BLOCK: tl.constexpr,
     HAS_L2: tl.constexpr, HAS_L1: tl.constexpr, HAS_GL: tl.constexpr, LR_TENSOR: tl.constexpr,
 ):
@@ -89,7 +89,7 @@ def decay(table: Table, dtype: torch.dtype, lr: float, lr_tensor: Optional[Tenso
                             coefs=(0.0, 0.0, threshold), lr=lr_ptr, lr_bits=lr_bits, lr_tensor=tensor_lr)
         decay_kernel[(table.items,)](
             table.data, shrinks, *step,
-            DTYPE=TL_DTYPES[dtype], ACC=accumulate_tl_dtype(dtype), BLOCK=BLOCK, HAS_GL=bool(group_lasso),
+            DTYPE=TL_DTYPES[dtype], ACC=accumulate_tl_dtype(dtype), BLOCK=BLOCKS[dtype], HAS_GL=bool(group_lasso),
             **flags, **LAUNCH_OPTIONS,
         )
 

@@ -30,7 +30,7 @@ from torch import Tensor
 from .triton_norms import GRAD_SCALE, finalize_programs, launch_finalize, launch_sums
 from .triton_table import (
     ACCUMULATE,
-    BLOCK,
+    BLOCKS,
     LAUNCH_OPTIONS,
     OP_GRAD,
     TL_DTYPES,
@@ -51,7 +51,7 @@ from .triton_table import (
 
 @triton.jit(do_not_specialize=["go_bits", "l1_bits", "l2_bits"])
 def grad_kernel(
-    table, ws, scales, out, go, go_bits, l1_bits, l2_bits,
+    table, ws, scales, out, go, go_bits: tl.int64, l1_bits: tl.int64, l2_bits: tl.int64,
     DTYPE: tl.constexpr, ACC: tl.constexpr, BLOCK: tl.constexpr,
     HAS_L1: tl.constexpr, HAS_L2: tl.constexpr, HAS_GL: tl.constexpr,
     SUMS: tl.constexpr, TO_OUT: tl.constexpr,
@@ -90,7 +90,7 @@ def launch_grad(
     go, go_bits = grad_output
     grad_kernel[(table.items,)](
         table.data, ws, scales, out, go, go_bits, f64_bits(l1), f64_bits(l2),
-        DTYPE=TL_DTYPES[dtype], ACC=accumulate_tl_dtype(dtype), BLOCK=BLOCK,
+        DTYPE=TL_DTYPES[dtype], ACC=accumulate_tl_dtype(dtype), BLOCK=BLOCKS[dtype],
         HAS_L1=bool(l1), HAS_L2=bool(l2), HAS_GL=bool(group_lasso),
         SUMS=ws is not None, TO_OUT=out is not None,
         **LAUNCH_OPTIONS,

@@ -30,7 +30,7 @@ from torch import Tensor
 
 from .triton_table import (
     ACCUMULATE,
-    BLOCK,
+    BLOCKS,
     LAUNCH_OPTIONS,
     OP_SUMS,
     TL_DTYPES,
@@ -60,8 +60,8 @@ from .triton_table import (
 GROUPS_PER_PROGRAM = 128
 """Groups a finalize program combines side by side."""
 
-ITEMS_PER_STEP = 16
-"""Items of each split group a finalize program reads per step."""
+ITEMS_PER_STEP = 512
+"""Items of a split group a finalize program reads per step."""
 
 SHARES_PER_STEP = 128
 """Programs' shares the last finalize program adds per step."""
@@ -88,7 +88,7 @@ def step_constants(lr, lr_bits, a_bits, b_bits, ACC: tl.constexpr, LR_TENSOR: tl
 
 @triton.jit(do_not_specialize=["lr_bits", "a_bits", "b_bits"])
 def sums_kernel(
-    table, ws, lr, lr_bits, a_bits, b_bits,
+    table, ws, lr, lr_bits: tl.int64, a_bits: tl.int64, b_bits: tl.int64,
     DTYPE: tl.constexpr, ACC: tl.constexpr, BLOCK: tl.constexpr, ABS: tl.constexpr,
     DECAYED: tl.constexpr, HAS_L2: tl.constexpr, HAS_L1: tl.constexpr, LR_TENSOR: tl.constexpr,
 ):
@@ -110,7 +110,8 @@ def sums_kernel(
 
 @triton.jit(do_not_specialize=["lr_bits", "l1_bits", "l2_bits", "half_l2_bits", "gl_bits"])
 def finalize_kernel(
-    table, ws, tensor_abs, tensor_sq, factors, value, lr, lr_bits, l1_bits, l2_bits, half_l2_bits, gl_bits,
+    table, ws, tensor_abs, tensor_sq, factors, value, lr,
+    lr_bits: tl.int64, l1_bits: tl.int64, l2_bits: tl.int64, half_l2_bits: tl.int64, gl_bits: tl.int64,
     ACC: tl.constexpr, GROUPS: tl.constexpr, ITEMS: tl.constexpr, SHARES: tl.constexpr,
     ABS: tl.constexpr, TENSOR_SUMS: tl.constexpr, FACTOR: tl.constexpr, VALUE: tl.constexpr,
     HAS_L1: tl.constexpr, HAS_L2: tl.constexpr, HAS_GL: tl.constexpr, LR_TENSOR: tl.constexpr,
@@ -134,23 +135,28 @@ def finalize_kernel(
     sq = tl.load(ws + 1 + slots + g, mask=whole, other=0)
     if ABS:
         ab = tl.load(ws + 1 + g, mask=whole, other=0)
-    # A split group's sums: its items' sums, in item order.
-    most = tl.max(count, 0)
-    if most > 0:
-        sq_items = tl.zeros([GROUPS, ITEMS], ACC)
-        ab_items = tl.zeros([GROUPS, ITEMS], ACC)
+    # A split group's sums: its items' sums (consecutive from its first item), in item order.
+    # Split groups are few (tensors or rows longer than a chunk): one at a time, each over
+    # a vector of its items.
+    lanes = tl.arange(0, GROUPS)
+    pending = count
+    while tl.max(pending, 0) > 0:
+        lane = lanes == tl.min(tl.where(pending > 0, lanes, GROUPS), 0)
+        n = tl.sum(tl.where(lane, pending, 0), 0)
+        slot = 1 + num_groups + tl.sum(tl.where(lane, first, 0), 0)
+        sq_items = tl.zeros([ITEMS], ACC)
+        ab_items = tl.zeros([ITEMS], ACC)
         j = 0
-        while j < most:
+        while j < n:
             k = j + tl.arange(0, ITEMS)
-            slot = 1 + num_groups + first[:, None] + k[None, :]
-            present = k[None, :] < count[:, None]
-            sq_items += tl.load(ws + slots + slot, mask=present, other=0)
+            sq_items += tl.load(ws + slots + slot + k, mask=k < n, other=0)
             if ABS:
-                ab_items += tl.load(ws + slot, mask=present, other=0)
+                ab_items += tl.load(ws + slot + k, mask=k < n, other=0)
             j += ITEMS
-        sq = sq + tl.sum(sq_items, 1)
+        sq = tl.where(lane, tl.sum(sq_items, 0), sq)
         if ABS:
-            ab = ab + tl.sum(ab_items, 1)
+            ab = tl.where(lane, tl.sum(ab_items, 0), ab)
+        pending = tl.where(lane, 0, pending)
     if TENSOR_SUMS:
         tl.store(tensor_abs + g, ab, mask=live)
         tl.store(tensor_sq + g, sq, mask=live)
@@ -224,7 +230,7 @@ def launch_sums(
     lr, lr_bits, a_bits, b_bits, has_l2, has_l1, lr_tensor = decay or (None, 0, 0, 0, False, False, False)
     sums_kernel[(table.items,)](
         table.data, ws, lr, lr_bits, a_bits, b_bits,
-        DTYPE=TL_DTYPES[dtype], ACC=accumulate_tl_dtype(dtype), BLOCK=BLOCK, ABS=with_abs,
+        DTYPE=TL_DTYPES[dtype], ACC=accumulate_tl_dtype(dtype), BLOCK=BLOCKS[dtype], ABS=with_abs,
         DECAYED=decay is not None, HAS_L2=has_l2, HAS_L1=has_l1, LR_TENSOR=lr_tensor,
         **LAUNCH_OPTIONS,
     )
@@ -253,7 +259,8 @@ def launch_finalize(
         ACC=TL_DTYPES[ws.dtype], GROUPS=GROUPS_PER_PROGRAM, ITEMS=ITEMS_PER_STEP, SHARES=SHARES_PER_STEP,
         ABS=with_abs and (tensor_sums is not None or (value is not None and bool(l1))),
         TENSOR_SUMS=tensor_sums is not None, FACTOR=factor.value, VALUE=value is not None,
-        HAS_L1=value is not None and bool(l1), HAS_L2=value is not None and bool(l2), HAS_GL=bool(gl),
+        HAS_L1=value is not None and bool(l1), HAS_L2=value is not None and bool(l2),
+        HAS_GL=value is not None and bool(gl),
         LR_TENSOR=lr_tensor,
         **LAUNCH_OPTIONS,
     )

@@ -53,14 +53,18 @@ _STATE["interpreted"] = INTERPRETED
 
 BLOCK = 1024
 """Elements a program handles per step: with :data:`NUM_WARPS` warps, 8 per thread, two
-128-bit loads of fp32 (one of fp16/bf16, four of fp64) per tensor read."""
+128-bit loads of fp32 (one of fp16/bf16) per tensor read."""
+
+BLOCKS = {torch.float16: BLOCK, torch.bfloat16: BLOCK, torch.float32: BLOCK, torch.float64: BLOCK // 2}
+"""The step of each dtype: fp64 takes half as many elements (the same 32 bytes per thread as
+fp32), which keeps its registers to those of fp32."""
 
 NUM_WARPS = 4
 
 CHUNK = 64 * BLOCK
 """Elements per work item of the layout the kernels are given (apex's chunk): large enough
 that per-item overhead vanishes, small enough to spread a model over every SM. A multiple of
-:data:`BLOCK`, so the items of a split group all start aligned when the group does."""
+every step, so the items of a split group all start aligned when the group does."""
 
 MAX_GROUPS = 16
 """Most groups packed into one item. Each group costs its program a few dependent table loads
@@ -137,8 +141,8 @@ def scalar(bits, ACC: tl.constexpr):
 
     Triton passes Python floats as fp32; fp64 parameters need their coefficients in full
     fp64, and fp32 ones need them rounded once from the exact value, as PyTorch does.
-    Kernels list these arguments in ``do_not_specialize``, so a new learning rate never
-    compiles a new variant.
+    Kernels annotate these arguments ``tl.int64`` and list them in ``do_not_specialize``,
+    so a new value (even 0.0, whose bits would fit an int32) never compiles a new variant.
     """
     return bits.to(tl.int64).to(tl.float64, bitcast=True).to(ACC)
 
