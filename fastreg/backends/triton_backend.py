@@ -1,31 +1,56 @@
 """The ``triton`` backend: multi-tensor Triton kernels, one launch for all tensors of a group.
 
-Each op is one ``torch.ops.fastreg_triton`` custom op (see :mod:`fastreg.kernels`), an
-opaque node to ``torch.compile`` that declares the tensors it writes. Launches per call,
-whatever the number of tensors: norms and value 2 (kernel + one-program finalize); coupled
-value + grad 2, or 3 with group lasso (group norms + finalize + update); penalty backward
-and decay 1, or 3 with group lasso.
+The kernels (:mod:`fastreg.kernels`) read the work layout of ``csrc/plan.h``, the table the
+C++ planner builds. A plan keeps its table on the device (:meth:`TritonBackend.table_to_device`)
+and calls the ops of :meth:`TritonBackend.table_ops`, which launch the kernels with O(1) host
+work. Launches per call, whatever the number of tensors: norms and value 2 (item pass +
+finalize); coupled value + grad 2, or 3 with group lasso (group norms, finalize, update); decay
+1, or 3 with group lasso; penalty backward 1, or 3 with group lasso.
+
+The list ops (tensors a plan has no table for: non-contiguous ones, the penalty's backward,
+anything ``torch.compile`` traces) build a table from the same planner, cached per list. In
+compiled code each is one ``torch.ops.fastreg_triton`` custom op, an opaque node that declares
+the tensors it writes; in eager code they run directly.
 
 It runs on CUDA tensors, and on CPU tensors under ``TRITON_INTERPRET=1`` (Triton's
 interpreter, for tests), which ``auto`` never picks. Triton is imported on first use.
 """
 from __future__ import annotations
 
-from typing import List, Optional, Tuple
+from typing import Callable, List, NamedTuple, Optional, Tuple
 
 import torch
 from torch import Tensor
 
-from .. import kernels
+from .. import _build, kernels
 from .base import Backend, Coefficients, LearningRate, accumulate_dtype
 
 
-def _ops():
-    """The ``fastreg_triton`` custom ops, registered when their modules (and Triton) are
-    first imported."""
-    from ..kernels import triton_decay, triton_grad, triton_norms  # noqa: F401
+class TableOps(NamedTuple):
+    """The kernels over a layout table (see :meth:`Backend.table_ops`)."""
 
-    return torch.ops.fastreg_triton
+    norms: Callable
+    value: Callable
+    add_grad_: Callable
+    decay_: Callable
+
+
+_TABLE_OPS: List[TableOps] = []
+
+
+def _table_ops() -> TableOps:
+    if not _TABLE_OPS:
+        from ..kernels import triton_decay, triton_grad, triton_norms
+
+        _TABLE_OPS.append(TableOps(triton_norms.norms, triton_norms.value, triton_grad.add_grad, triton_decay.decay))
+    return _TABLE_OPS[0]
+
+
+def _kernels():
+    """The kernel modules, their ``fastreg_triton`` custom ops registered on first import."""
+    from ..kernels import triton_decay, triton_grad, triton_norms, triton_table
+
+    return triton_norms, triton_grad, triton_decay, triton_table
 
 
 class TritonBackend(Backend):
@@ -36,36 +61,62 @@ class TritonBackend(Backend):
         if reason is not None:
             return reason
         device_type = torch.device(device).type
-        if device_type == "cuda":
-            return None
         if device_type == "cpu":
-            if kernels.interpreted():
-                return None
-            return "triton runs on CUDA tensors; CPU only under TRITON_INTERPRET=1 (set before the kernels are imported)"
-        return f"triton runs on CUDA tensors, not {device_type}"
+            if not kernels.interpreted():
+                return "triton runs on CUDA tensors; CPU only under TRITON_INTERPRET=1 (set before the kernels are imported)"
+        elif device_type != "cuda":
+            return f"triton runs on CUDA tensors, not {device_type}"
+        planner = _build.cpu_unavailable_reason()
+        if planner is not None:
+            return f"triton's work layout comes from fastreg's C++ planner, which is unavailable: {planner}"
+        return None
 
     def auto_eligible(self, device: torch.device) -> bool:
         return torch.device(device).type != "cpu"
 
+    def table_ops(self, device: torch.device):
+        return _table_ops()
+
+    def layout_limits(self, device: torch.device) -> Tuple[int, int]:
+        table = _kernels()[3]
+        return table.CHUNK, table.MAX_GROUPS
+
+    def table_to_device(self, host: Tensor, device: torch.device):
+        return _kernels()[3].to_device(host, device)
+
     def norms(self, params: List[Tensor]) -> Tuple[Tensor, Tensor]:
-        return _ops().norms(params)
+        if torch.compiler.is_compiling():
+            return torch.ops.fastreg_triton.norms(params)
+        return _kernels()[0].norms_of(params)
 
     def value(self, params: List[Tensor], coefs: Coefficients) -> Tensor:
         if coefs.is_zero():
             return torch.zeros((), dtype=accumulate_dtype(params[0].dtype), device=params[0].device)
-        return _ops().value(params, coefs.l1, coefs.l2, coefs.group_lasso, coefs.group_dim)
+        args = (params, coefs.l1, coefs.l2, coefs.group_lasso, coefs.group_dim)
+        if torch.compiler.is_compiling():
+            return torch.ops.fastreg_triton.value(*args)
+        return _kernels()[0].value_of(*args)
 
     def add_grad_(self, params: List[Tensor], grads: List[Tensor], coefs: Coefficients) -> Tensor:
-        return _ops().add_grad(params, grads, coefs.l1, coefs.l2, coefs.group_lasso, coefs.group_dim)
+        args = (params, grads, coefs.l1, coefs.l2, coefs.group_lasso, coefs.group_dim)
+        if torch.compiler.is_compiling():
+            return torch.ops.fastreg_triton.add_grad(*args)
+        return _kernels()[1].add_grad_of(*args)
 
     def decay_(self, params: List[Tensor], lr: LearningRate, coefs: Coefficients) -> None:
         if isinstance(lr, Tensor):
-            _ops().decay(params, 0.0, lr, coefs.l1, coefs.l2, coefs.group_lasso, coefs.group_dim)
+            args = (params, 0.0, lr, coefs.l1, coefs.l2, coefs.group_lasso, coefs.group_dim)
         else:
-            _ops().decay(params, float(lr), None, coefs.l1, coefs.l2, coefs.group_lasso, coefs.group_dim)
+            args = (params, float(lr), None, coefs.l1, coefs.l2, coefs.group_lasso, coefs.group_dim)
+        if torch.compiler.is_compiling():
+            torch.ops.fastreg_triton.decay(*args)
+        else:
+            _kernels()[2].decay_of(*args)
 
     def penalty_backward(self, params: List[Tensor], grad_output: Tensor, coefs: Coefficients) -> List[Tensor]:
-        flat = _ops().penalty_backward(
-            params, grad_output, coefs.l1, coefs.l2, coefs.group_lasso, coefs.group_dim
-        )
+        args = (params, grad_output, coefs.l1, coefs.l2, coefs.group_lasso, coefs.group_dim)
+        if torch.compiler.is_compiling():
+            flat = torch.ops.fastreg_triton.penalty_backward(*args)
+        else:
+            flat = _kernels()[1].penalty_backward_of(*args)
         return [part.view(p.shape) for part, p in zip(flat.split([p.numel() for p in params]), params)]

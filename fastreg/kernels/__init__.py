@@ -1,16 +1,18 @@
 """Triton multi-tensor kernels behind fastreg's ``triton`` backend.
 
-One launch covers every tensor of a (device, dtype) group: programs find their tensor
-through a device-side table of base pointers and a (tensor, chunk) work map
-(:mod:`.triton_table`), built once per parameter list and cached. Kernel families, each
-with its kernels, launchers and ``torch.library`` custom ops (namespace ``fastreg_triton``):
+One launch covers every tensor of a (device, dtype) group: programs find their work through the
+work-layout table of ``csrc/plan.h`` (:mod:`.triton_table`), built by the C++ planner once per
+parameter list and read on the device. Kernel families, each with its kernels, launchers, ops
+over a table and ``torch.library`` custom ops (namespace ``fastreg_triton``) for compiled code:
 
-- :mod:`.triton_norms`: per-tensor / per-group sums and the penalty value,
+- :mod:`.triton_norms`: per-tensor / per-group sums, the penalty value, and the finalize
+  every family shares,
 - :mod:`.triton_grad`: coupled value + gradient and the penalty backward,
 - :mod:`.triton_decay`: decoupled decay and proximal maps.
 
 Nothing here imports Triton: ``import fastreg`` must work, and cost nothing, without it.
-The kernel modules import it when the backend first runs.
+The kernel modules import it when the backend first runs. They import nothing from
+:mod:`fastreg.backends`, which builds on them.
 """
 from __future__ import annotations
 
