@@ -15,7 +15,7 @@ import torch
 import torch._dynamo
 from torch import Tensor
 
-from .backends import Backend, Coefficients, accumulate_dtype, auto_backend, get_backend
+from .backends import Backend, Coefficients, accumulate_dtype, auto_backend, get_backend  # noqa: F401 (re-exported: optim and distributed take them from here)
 
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 BACKEND_ENV = "FASTREG_BACKEND"

@@ -5,7 +5,14 @@ A *task* (coupled value + grad, norms, decoupled decay, a training step) has sev
 ``torch._foreach_*``, ``torch.compile`` of the loop, and every usable fastreg backend.
 Every case is first checked against the ``reference`` backend, then timed with
 ``torch.utils.benchmark`` (which synchronizes CUDA and runs with the process's thread
-count here), and reported as ratios to the floor and to the naive loop of the same run.
+count here), all cases interleaved in rounds so that a change in the machine's load
+reaches every case alike, and reported as ratios to the floor and to the naive loop of
+the same run.
+
+On a *host* workload (``tiny-1k``, ``tiny-10k``: tensors of 4 elements) the kernels cost
+nothing and what is measured is the host work of a call. Every task's floor is then
+``torch._foreach_add_(grads, params, alpha=0)`` on the same list, and every fastreg case
+has a ``first call`` twin that drops the cached plans before each call.
 The CLI (``python -m fastreg bench``) and the pytest-benchmark suite (``benchmarks/``)
 both use :func:`make_cases` and :func:`check`.
 """
@@ -23,7 +30,7 @@ import torch
 from torch import Tensor
 from torch.utils import benchmark as torch_benchmark
 
-from . import functional
+from . import _plan, functional
 from .backends import BACKENDS
 from .optim import Regularized
 from .workloads import Workload
@@ -33,7 +40,7 @@ Outputs = Tuple[List[Tensor], List[Tensor]]  # (reductions: values and norms, te
 
 @dataclasses.dataclass(frozen=True)
 class Setting:
-    """The strengths every case of a run uses: DESIGN §4's coupled ElasticNet."""
+    """The strengths every case of a run uses: a coupled ElasticNet of typical strengths."""
 
     l1: float = 1e-5
     l2: float = 1e-4
@@ -78,7 +85,11 @@ class Task(abc.ABC):
     passes: int  # tensor-sized reads + writes a single-pass implementation makes
 
     def traffic(self, workload: Workload) -> int:
-        return self.passes * workload.bytes
+        return 0 if workload.host else self.passes * workload.bytes
+
+    def floor_for(self, workload: Workload) -> str:
+        """The name of the case the others are divided by on ``workload``."""
+        return HOST_FLOOR if workload.host else self.floor
 
     def applies_to(self, workload: Workload) -> Optional[str]:
         """None when the task can run on ``workload``, else why not."""
@@ -215,10 +226,20 @@ class TrainingStep(Task):
     passes = 0  # dominated by the model, not by the penalty's memory traffic
 
     def applies_to(self, workload):
-        return None if workload.model is not None else "needs a workload with a model (e.g. transformer)"
+        if workload.model is None and not workload.host:
+            return "needs a workload with a model (e.g. transformer) or a host workload"
+        return None
 
     @staticmethod
     def _step(workload: Workload, optimizer: torch.optim.Optimizer, penalty: Optional[Callable[[], Tensor]]):
+        if workload.model is None:  # a host workload: the step alone, on the gradients it has
+            def step():
+                if penalty is not None:
+                    penalty().backward()
+                optimizer.step()
+
+            return step
+
         def run():
             optimizer.zero_grad()
             loss = workload.model(workload.inputs).float().square().mean()
@@ -246,18 +267,24 @@ class TrainingStep(Task):
         params, l1, l2 = workload.params, setting.l1, setting.l2
         sgd = torch.optim.SGD(params, lr=setting.lr)
         regularized = Regularized(torch.optim.SGD(params, lr=setting.lr), l1, l2, backend=backend)
-        return [
-            Case(f"fastreg[{backend}] penalty in the loss", self._step(workload, sgd, lambda: functional.penalty(params, l1, l2, backend=backend))),
-            Case(f"fastreg[{backend}] Regularized(SGD)", self._step(workload, regularized, None)),
-        ]
+        in_loss = Case(f"fastreg[{backend}] penalty in the loss", self._step(workload, sgd, lambda: functional.penalty(params, l1, l2, backend=backend)))
+        step = Case(f"fastreg[{backend}] Regularized(SGD)", self._step(workload, regularized, None))
+        return [step] if workload.model is None else [in_loss, step]
 
     def snapshot(self, workload):
-        return [p.detach().clone() for p in workload.params]
+        weights = [p.detach().clone() for p in workload.params]
+        # Without a model the gradients are the workload's own, and coupled steps add to them.
+        grads = [p.grad.clone() for p in workload.params] if workload.model is None else None
+        return weights, grads
 
     def restore(self, workload, saved):
+        weights, grads = saved
         with torch.no_grad():
-            for p, w in zip(workload.params, saved):
+            for p, w in zip(workload.params, weights):
                 p.copy_(w)
+            if grads is not None:
+                for p, g in zip(workload.params, grads):
+                    p.grad.copy_(g)
 
     def outputs(self, workload, returned):
         return [], _detached(workload.params)
@@ -293,6 +320,9 @@ def foreach_grad(params: Sequence[Tensor], l1: float, l2: float) -> Tensor:
         torch._foreach_add_(grads, torch._foreach_sign(params), alpha=l1)
         torch._foreach_add_(grads, params, alpha=l2)
     return l1 * abs_sums.sum() + l2 / 2 * sq_sums.sum()
+
+
+HOST_FLOOR = CoupledGrad.floor
 
 
 def grad_floor(params: Sequence[Tensor]) -> None:
@@ -336,11 +366,25 @@ def make_cases(task: Task, workload: Workload, setting: Setting, *, compile: boo
     the reason)."""
     device, dtype = workload.params[0].device, workload.params[0].dtype
     found = task.peers(workload, setting, compile)
+    if workload.host and task.floor != HOST_FLOOR:
+        found.insert(0, Case(HOST_FLOOR, lambda: grad_floor(workload.params), checked=False))
     for name in backends if backends is not None else BACKENDS:
         for case in task.fastreg_cases(workload, setting, name):
             case.skip_reason = BACKENDS[name].unavailable_reason(device, dtype)
             found.append(case)
+            if workload.host:
+                found.append(Case(f"{case.name} first call", _first_call(case.run), case.skip_reason))
     return found
+
+
+def _first_call(run: Callable[[], object]) -> Callable[[], object]:
+    """``run`` as on its first call: with no cached plan to reuse."""
+
+    def first():
+        _plan.clear()
+        return run()
+
+    return first
 
 
 def reference(task: Task, workload: Workload, setting: Setting, start) -> Outputs:
@@ -375,9 +419,41 @@ def tolerance(dtype: torch.dtype) -> float:
     return {torch.float64: 1e-10, torch.float32: 1e-5, torch.bfloat16: 2e-2, torch.float16: 2e-3}[dtype]
 
 
-def time_case(case: Case, min_run_time: float) -> torch_benchmark.Measurement:
-    timer = torch_benchmark.Timer(stmt="run()", globals={"run": case.run}, num_threads=torch.get_num_threads(), label=case.name)
-    return timer.blocked_autorange(min_run_time=min_run_time)
+# A timed block lasts about this long; rounds repeat until every case has run min_run_time.
+BLOCK_SECONDS = 0.02
+MIN_ROUNDS = 3
+
+
+def time_cases(cases: Sequence[Case], min_run_time: float) -> List[Tuple[float, float]]:
+    """(median, interquartile range) in seconds per call of every case, timed in interleaved
+    rounds: each round runs one block of every case in turn, so a slow moment of the machine
+    lands on all of them rather than on whichever case ran then."""
+    timers = [torch_benchmark.Timer(stmt="run()", globals={"run": c.run}, num_threads=torch.get_num_threads(), label=c.name)
+              for c in cases]
+    numbers = []
+    for timer in timers:
+        timer.timeit(1)  # warm-up: first-call work (a plan, a compile) stays out of the numbers
+        once = timer.timeit(1).median
+        numbers.append(max(1, int(BLOCK_SECONDS / max(once, 1e-9))))
+    samples: List[List[float]] = [[] for _ in cases]
+    spent = [0.0] * len(cases)
+
+    def done(i: int) -> bool:
+        # As blocked_autorange: a case whose one call outlasts min_run_time is timed once.
+        enough = len(samples[i]) >= MIN_ROUNDS or (samples[i] and spent[i] >= min_run_time and numbers[i] == 1)
+        return bool(enough) and spent[i] >= min_run_time
+
+    while not all(done(i) for i in range(len(cases))):
+        for i, timer in enumerate(timers):
+            if not done(i):
+                per_call = timer.timeit(numbers[i]).median
+                samples[i].append(per_call)
+                spent[i] += per_call * numbers[i]
+    found = []
+    for values in samples:
+        q = torch.tensor(values, dtype=torch.float64).quantile(torch.tensor([0.25, 0.5, 0.75], dtype=torch.float64)).tolist()
+        found.append((q[1], q[2] - q[0]))
+    return found
 
 
 def run(
@@ -400,6 +476,7 @@ def run(
     limit = tolerance(workload.params[0].dtype)
     traffic = task.traffic(workload)
     results = []
+    timed_cases: List[Tuple[Case, Result]] = []
     for case in make_cases(task, workload, setting, compile=compile, backends=backends):
         if progress:
             progress(case.name)
@@ -421,14 +498,17 @@ def run(
                 if case.name.startswith("fastreg"):
                     raise AssertionError(f"{case.name} disagrees with the reference backend on {task.name}: relative error {worst:.3g} > {limit:g}")
                 result.note = "disagrees with the reference (see errors)"
-        measurement = time_case(case, min_run_time)
-        result.median_ms, result.iqr_ms = measurement.median * 1e3, measurement.iqr * 1e3
+        timed_cases.append((case, result))
+    task.restore(workload, start)
+    for (case, result), (median, iqr) in zip(timed_cases, time_cases([c for c, _ in timed_cases], min_run_time)):
+        result.median_ms, result.iqr_ms = median * 1e3, iqr * 1e3
         if traffic:
-            result.gb_per_s = traffic / measurement.median / 1e9
+            result.gb_per_s = traffic / median / 1e9
     timed = {r.name: r.median_ms for r in results if r.median_ms is not None}
+    floor = task.floor_for(workload)
     for r in results:
         if r.median_ms is not None:
-            r.x_floor = r.median_ms / timed[task.floor] if task.floor in timed else None
+            r.x_floor = r.median_ms / timed[floor] if floor in timed else None
             r.speedup_vs_naive = timed[task.naive] / r.median_ms if task.naive in timed else None
     task.restore(workload, start)
     return results

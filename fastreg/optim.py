@@ -31,7 +31,7 @@ class Regularized(torch.optim.Optimizer):
         optimizer: the optimizer to wrap. The wrapper shares its ``param_groups``,
             ``state`` and ``defaults`` (they are the same objects, never copies), so
             schedulers, ``GradScaler``, checkpoints and trainers see one optimizer.
-        l1, l2, group_lasso: default strengths (DESIGN §1: ``l2`` has the 1/2, so its
+        l1, l2, group_lasso: default strengths (``l2`` has the 1/2, so its
             gradient is ``l2 * w``). A param group's own ``"l1"``, ``"l2"`` or
             ``"group_lasso"`` key overrides the default for that group; groups without
             the keys get the defaults written in, so they show in ``param_groups`` and

@@ -25,8 +25,9 @@ def run_record(workload: Workload, size: float, task: Task, results: List[Result
             "tensors": len(workload.params),
             "params": workload.numel,
             "bytes": workload.bytes,
+            "host": workload.host,
         },
-        "task": {"name": task.name, "title": task.title, "floor": task.floor, "naive": task.naive},
+        "task": {"name": task.name, "title": task.title, "floor": task.floor_for(workload), "naive": task.naive},
         "results": [dataclasses.asdict(r) for r in results],
     }
 

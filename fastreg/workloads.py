@@ -21,6 +21,9 @@ class Workload:
     params: List[torch.Tensor]
     model: Optional[torch.nn.Module] = None
     inputs: Optional[torch.Tensor] = None  # a batch for the model, when there is one
+    # Tensors so small that the kernels cost nothing: what a call costs is its host work,
+    # measured against ``torch._foreach_add_`` on the same list.
+    host: bool = False
 
     @property
     def numel(self) -> int:
@@ -82,6 +85,11 @@ def many_small_shapes(size: float = 1.0, count: int = 10_000) -> List[Shape]:
     return [(max(1, round(1024 * size)),)] * count
 
 
+def tiny_shapes(count: int, size: float = 1.0) -> List[Shape]:
+    """``count`` tensors of 4 elements (times ``size``): the host cost of a call alone."""
+    return [(max(1, round(4 * size)),)] * count
+
+
 def equal_split_shapes(total: int, count: int) -> List[Shape]:
     """``total`` elements split into ``count`` tensors: the cost of the tensor count alone."""
     return [(max(1, total // count),)] * count
@@ -111,6 +119,13 @@ def _from_shapes(name: str, shapes_fn: Callable[[float], List[Shape]]):
     return build
 
 
+def _tiny(count: int):
+    def build(size: float, dtype: torch.dtype, device, seed: int = 0) -> Workload:
+        return Workload(f"tiny-{count // 1000}k", make_params(tiny_shapes(count, size), dtype, device, seed), host=True)
+
+    return build
+
+
 def transformer(size: float, dtype: torch.dtype, device, seed: int = 0) -> Workload:
     """A real ``torch.nn.TransformerEncoder`` (6 layers, d_model 512 at size 1: 18.9M
     parameters in 74 tensors), its ``parameters()`` used as they are, and a batch for it."""
@@ -132,14 +147,19 @@ WORKLOADS: Dict[str, Callable[..., Workload]] = {
     "llama-1b": _from_shapes("llama-1b", llama_1b_shapes),
     "many-small": _from_shapes("many-small", many_small_shapes),
     "transformer": transformer,
+    "tiny-1k": _tiny(1_000),
+    "tiny-10k": _tiny(10_000),
 }
 
-# The dtype each workload is measured in unless asked otherwise (DESIGN §4).
+# The dtype each workload is measured in unless asked otherwise: bf16 for the model that is
+# trained in it, fp32 for the rest.
 DEFAULT_DTYPES: Dict[str, torch.dtype] = {
     "gpt2-small": torch.float32,
     "llama-1b": torch.bfloat16,
     "many-small": torch.float32,
     "transformer": torch.float32,
+    "tiny-1k": torch.float32,
+    "tiny-10k": torch.float32,
 }
 
 

@@ -48,7 +48,7 @@ def naive_value_and_grads(params: Sequence[Tensor], l1=0.0, l2=0.0, group_lasso=
 
 
 def naive_decay(params: Sequence[Tensor], lr: float, l1=0.0, l2=0.0, group_lasso=0.0, group_dim=None) -> List[Tensor]:
-    """The decoupled update of DESIGN §1, written out per tensor in fp64."""
+    """The decoupled update (``l2`` scale, L1 soft threshold, group-lasso block shrink), written out per tensor in fp64."""
     out = []
     for p in params:
         w = p.detach().double().clone()
@@ -210,23 +210,33 @@ def check_int64_indexing(backend, device="cpu"):
         del w
 
 
-def opcheck_cases(device="cpu"):
-    """(name, op overload, args) covering every fastreg op and schema option, for opcheck."""
+# Every fastreg op and schema option, by name: (op, arguments from (params, grads, device)).
+_OPCHECK = {
+    "norms": ("norms", lambda P, G, d: (P,)),
+    "value": ("value", lambda P, G, d: (P, 0.1, 0.2, 0.3, None)),
+    "value_rows": ("value", lambda P, G, d: (P, 0.1, 0.2, 0.3, 0)),
+    "add_grad_": ("add_grad_", lambda P, G, d: (P, G, 0.1, 0.2, 0.3, None)),
+    "add_grad_rows": ("add_grad_", lambda P, G, d: (P, G, 0.1, 0.2, 0.3, 0)),
+    "add_grad_elastic_net": ("add_grad_", lambda P, G, d: (P, G, 0.1, 0.2, 0.0, None)),
+    "decay_": ("decay_", lambda P, G, d: (P, 0.1, None, 0.1, 0.2, 0.3, 0)),
+    "decay_lr_tensor": ("decay_", lambda P, G, d: (P, 0.0, torch.tensor(0.1, device=d), 0.1, 0.2, 0.3, None)),
+    "decay_lr_cpu_tensor": ("decay_", lambda P, G, d: (P, 0.0, torch.tensor(0.1), 0.1, 0.2, 0.0, None)),
+    "penalty_backward": ("penalty_backward", lambda P, G, d: (P, torch.tensor(1.5, device=d), 0.1, 0.2, 0.3, 0)),
+    "penalty_backward_bf16": ("penalty_backward",
+                              lambda P, G, d: ([p.bfloat16() for p in P], torch.tensor(1.5, device=d), 0.1, 0.0, 0.3, None)),
+}
+OPCHECK_NAMES = tuple(_OPCHECK)
+
+
+def opcheck_case(name, device="cpu"):
+    """(op overload, args) of the opcheck case ``name`` of ``torch.ops.fastreg``."""
     d = torch.device(device)
     params = [torch.randn(3, 5, device=d), torch.randn(7, device=d), torch.randn(2, 3, 4, device=d), torch.randn((), device=d)]
     grads = [torch.randn_like(p) for p in params]
-    ops = torch.ops.fastreg
-    return [
-        ("norms", ops.norms.default, (params,)),
-        ("value", ops.value.default, (params, 0.1, 0.2, 0.3, None)),
-        ("value_rows", ops.value.default, (params, 0.1, 0.2, 0.3, 0)),
-        ("add_grad_", ops.add_grad_.default, (params, grads, 0.1, 0.2, 0.3, None)),
-        ("add_grad_rows", ops.add_grad_.default, (params, grads, 0.1, 0.2, 0.3, 0)),
-        ("add_grad_elastic_net", ops.add_grad_.default, (params, grads, 0.1, 0.2, 0.0, None)),
-        ("decay_", ops.decay_.default, (params, 0.1, None, 0.1, 0.2, 0.3, 0)),
-        ("decay_lr_tensor", ops.decay_.default, (params, 0.0, torch.tensor(0.1, device=d), 0.1, 0.2, 0.3, None)),
-        ("decay_lr_cpu_tensor", ops.decay_.default, (params, 0.0, torch.tensor(0.1), 0.1, 0.2, 0.0, None)),
-        ("penalty_backward", ops.penalty_backward.default, (params, torch.tensor(1.5, device=d), 0.1, 0.2, 0.3, 0)),
-        ("penalty_backward_bf16", ops.penalty_backward.default,
-         ([p.bfloat16() for p in params], torch.tensor(1.5, device=d), 0.1, 0.0, 0.3, None)),
-    ]
+    op, arguments = _OPCHECK[name]
+    return getattr(torch.ops.fastreg, op).default, arguments(params, grads, d)
+
+
+def opcheck_cases(device="cpu"):
+    """(name, op overload, args) of every case of :data:`OPCHECK_NAMES`."""
+    return [(name, *opcheck_case(name, device)) for name in OPCHECK_NAMES]

@@ -7,7 +7,9 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
+from fastreg import bench
 from fastreg.__main__ import main
 
 TINY = ["--size", "0.0005", "--min-time", "0.005", "--quiet"]
@@ -39,7 +41,9 @@ def test_bench_prints_the_comparison_and_writes_json(tmp_path, capsys):
     assert run["workload"]["name"] == "gpt2-small" and run["workload"]["tensors"] == 148
     assert run["task"]["name"] == "grad"
     by_name = {r["name"]: r for r in run["results"]}
-    assert by_name["fastreg[torch]"]["value_error"] == 0.0
+    assert by_name["fastreg[reference]"]["value_error"] == 0.0 == by_name["fastreg[reference]"]["tensor_error"]
+    limit = bench.tolerance(torch.float32)
+    assert 0 <= by_name["fastreg[torch]"]["value_error"] <= limit and by_name["fastreg[torch]"]["tensor_error"] <= limit
     assert by_name["naive autograd loop"]["speedup_vs_naive"] == 1.0
     assert by_name["floor: foreach add (alpha=0)"]["x_floor"] == 1.0
 
@@ -51,7 +55,16 @@ def test_bench_all_workloads_and_tasks_then_report(tmp_path, capsys):
     record = json.loads(first.read_text())
     pairs = {(r["workload"]["name"], r["task"]["name"]) for r in record["runs"]}
     assert ("llama-1b", "decay") in pairs and ("transformer", "step") in pairs
-    assert ("gpt2-small", "step") not in pairs  # the step task needs a model
+    assert ("gpt2-small", "step") not in pairs  # the step task needs a model, or a host workload
+    assert ("tiny-1k", "step") in pairs and ("tiny-10k", "norms") in pairs
+    for run in record["runs"]:
+        names = [r["name"] for r in run["results"]]
+        if run["workload"]["host"]:  # host cost: every task against _foreach_add_, first calls beside cached ones
+            assert run["task"]["floor"] == "floor: foreach add (alpha=0)" and run["workload"]["tensors"] in (1000, 10_000)
+            assert {n for n in names if n.startswith("fastreg[torch]")} >= {"fastreg[torch]" if run["task"]["name"] != "step"
+                                                                          else "fastreg[torch] Regularized(SGD)"}
+            assert sum(n.endswith(" first call") for n in names) == sum(n.startswith("fastreg[") for n in names) // 2
+        assert next(r for r in run["results"] if r["name"] == run["task"]["floor"])["x_floor"] == 1.0
     assert {r["workload"]["dtype"] for r in record["runs"] if r["workload"]["name"] == "llama-1b"} == {"bfloat16"}
     assert (tmp_path / "bars.png").stat().st_size > 10_000
     assert main(["bench", *TINY, "--no-compile", "--backends", "torch", "--json", str(second)]) == 0

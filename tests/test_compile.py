@@ -1,5 +1,5 @@
 """torch.compile: the public API and whole training steps compile without graph breaks or
-recompiles and give the eager results (DESIGN §3).
+recompiles and give the eager results.
 
 Every test compiles, which takes seconds on CPU, so the file is in the slow tier. The
 ``triton`` backend's compiled case (the interpreter is slow) is

@@ -1,4 +1,4 @@
-"""DESIGN §2's bad-input matrix: a clear error naming the argument or tensor, and nothing changed.
+"""The bad-input matrix: a clear error naming the argument or tensor, and nothing changed.
 
 Every case runs on every backend usable here (the ``backend`` fixture), as each backend must
 refuse the same inputs before it writes anything."""

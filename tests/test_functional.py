@@ -261,7 +261,7 @@ def test_backend_from_environment(monkeypatch):
 
 
 def test_l2_matches_sgd_weight_decay_convention(backend):
-    # DESIGN §1: l2 carries the 1/2, so the gradient is l2 * w, what SGD(weight_decay=l2) adds.
+    # l2 carries the 1/2, so the gradient is l2 * w, what SGD(weight_decay=l2) adds.
     w = torch.randn(10, requires_grad=True)
     fastreg.penalty(w, l2=0.3, backend=backend).backward()
     torch.testing.assert_close(w.grad, 0.3 * w.detach())

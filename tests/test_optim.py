@@ -1,4 +1,4 @@
-"""Regularized: the DESIGN §1 oracles, and everything a drop-in torch optimizer must support."""
+"""Regularized: torch's own optimizers as oracles, and everything a drop-in torch optimizer must support."""
 from __future__ import annotations
 
 import copy
@@ -48,7 +48,7 @@ def assert_same(a, b, exact=True):
             torch.testing.assert_close(x, y, rtol=1e-12, atol=1e-14)
 
 
-# -- DESIGN §1 oracles ----------------------------------------------------------------
+# -- torch optimizers as oracles ---------------------------------------------------------
 @pytest.mark.parametrize("momentum, nesterov", [(0.0, False), (0.9, False), (0.9, True)])
 def test_coupled_l2_with_sgd_equals_sgd_weight_decay(momentum, nesterov):
     ours, theirs = make_model(), make_model()

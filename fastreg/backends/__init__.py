@@ -5,7 +5,7 @@ subclass and one entry in ``_REGISTERED``; call sites never name backends.
 """
 from __future__ import annotations
 
-from typing import Dict, Optional, Tuple
+from typing import Dict, Tuple
 
 import torch
 
@@ -39,10 +39,6 @@ def auto_backend(device: torch.device, dtype: torch.dtype) -> Backend:
     raise RuntimeError(f"no fastreg backend can run on {device} with {dtype}")  # unreachable: torch runs anywhere
 
 
-def unavailable_reason(name: str, device: torch.device, dtype: torch.dtype) -> Optional[str]:
-    return get_backend(name).unavailable_reason(device, dtype)
-
-
 __all__ = [
     "BACKENDS",
     "BACKEND_CHOICES",
@@ -51,5 +47,4 @@ __all__ = [
     "accumulate_dtype",
     "auto_backend",
     "get_backend",
-    "unavailable_reason",
 ]

@@ -1,6 +1,6 @@
 """The op set every fastreg backend implements.
 
-Math (DESIGN §1), for tensors ``w_t`` and non-negative coefficients::
+Math, for tensors ``w_t`` and non-negative coefficients::
 
     P(W) = l1 * sum_t sum|w_t| + l2/2 * sum_t sum w_t^2 + group_lasso * sum_g ||w_g||_2
 

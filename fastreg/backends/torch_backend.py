@@ -12,7 +12,7 @@ much. Here every op walks the parameters in batches of about ``batch`` elements 
 
 - a tensor larger than ``small`` elements is cut into slices of its flat view (rows, for
   row groups; blocks along its leading dimensions when it is not contiguous);
-- smaller tensors are gathered into runs of up to ``batch`` elements, one ``cat`` per run, so
+- smaller tensors of one shape are gathered into runs of up to ``batch`` elements, one ``stack`` per run, so
   the per-op cost of a Python call (a few microseconds) is paid per run, not per tensor;
   results go back with one ``_foreach_add_`` / ``_foreach_copy_`` per run.
 
@@ -39,7 +39,6 @@ import math
 from typing import Callable, Dict, Iterator, List, Optional, Sequence, Tuple, Union
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
 from .base import Backend, Coefficients, LearningRate, accumulate_dtype
@@ -366,7 +365,6 @@ def _elastic_net(layout: _Layout, coefs: Coefficients, grads: Optional[List[Tens
     partials = []
     for batch in layout.batches([layout.params] if grads is None else [layout.params, grads]):
         w = batch.values
-        sign = None
         if grads is not None:
             if isinstance(batch, _Piece) and batch.views[1].dtype == w.dtype:
                 # fp32/fp64 slices: fused in-place updates, no gradient buffer; the first one

@@ -27,7 +27,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from .triton_norms import DECAY_SHRINK, finalize_programs, launch_finalize, launch_sums, step_constants
+from .triton_norms import DECAY_SHRINK, launch_finalize, launch_sums, step_constants
 from .triton_table import (
     ACCUMULATE,
     BLOCKS,

@@ -36,7 +36,7 @@ import collections
 import dataclasses
 import struct
 import threading
-from typing import Dict, Optional, Sequence
+from typing import Optional, Sequence
 
 import torch
 import triton
@@ -572,7 +572,3 @@ def row_groups(group_lasso: float, group_dim: Optional[int]) -> bool:
     """Whether groups are rows: only group lasso over ``group_dim=0`` needs them."""
     return bool(group_lasso) and group_dim == 0
 
-
-def cache_stats() -> Dict[str, int]:
-    """Counters of the list ops' table cache: tables held, built and reused."""
-    return {"tables_cached": len(TABLES), "table_builds": TABLES.builds, "table_hits": TABLES.hits}
