@@ -221,7 +221,7 @@ class _Fused:
             lists = self._state_lists(group, params)
         work = _Work(index, group, params, lists, None)
         if kernels is None:
-            return self._fallback_work(index, group, params)
+            return self._fallback_work(index, group, params, lists)
         if self._tables is None:
             self._tables = kernels.PlanCache(CACHE_SIZE)
         found, key = self._tables.lookup(params, self._kind, self._keyed(work))
@@ -231,7 +231,7 @@ class _Fused:
                 found, key = self._tables.lookup(params, self._kind, self._keyed(work))
         if found is None:
             self._check_state(work, name)
-            if key is None or not self._fusable(group, params, kernels):
+            if key is None or not self._fusable(group, params, kernels) or not self._contiguous_state(work):
                 found = _FALLBACK
             else:
                 found = [_Part(dtype, None if len(split) == 1 else positions, _extents([params[i] for i in positions]))
@@ -254,15 +254,23 @@ class _Fused:
         """Bring state of another form to the kernel's (True when anything changed)."""
         return False
 
+    def _contiguous_state(self, work: _Work) -> bool:
+        return all(s is None or s.is_contiguous() for row in work.lists for s in row)
+
     def _check_state(self, work: _Work, name: str) -> None:
         """State tensors that match their params (a bad checkpoint could hold others)."""
         for row in work.lists:
             for i, (p, s) in enumerate(zip(work.params, row)):
-                if s.shape != p.shape or s.dtype != p.dtype or s.device != p.device or not s.is_contiguous():
+                if s.shape != p.shape or s.dtype != p.dtype or s.device != p.device:
                     raise ValueError(f"{name}: state of the param with gradient {i} is {s.dtype} {tuple(s.shape)} on "
                                      f"{s.device}, but the param is {p.dtype} {tuple(p.shape)} on {p.device}")
 
-    def _fallback_work(self, index: int, group: Dict[str, Any], params: List[Tensor]) -> _Work:
+    def _fallback_work(self, index: int, group: Dict[str, Any], params: List[Tensor],
+                       lists: Optional[List[List[Tensor]]] = None) -> _Work:
+        # torch's step checks tensors as it goes, after earlier groups are written.
+        self._check_grads(group, index)
+        if lists is not None:
+            self._check_state(_Work(index, group, params, lists, None), f"param_groups[{index}]")
         call = None
         if not self._coefficients(group).is_zero():
             call = _calls.prepare(group["params"], None, with_grads=True, writes_params=True,
