@@ -110,6 +110,21 @@ at::Tensor planned_value(const at::Tensor& table, at::ScalarType dtype, double l
 at::Tensor planned_add_grad(const at::Tensor& table, at::ScalarType dtype, double l1, double l2, double group_lasso);
 void planned_decay(const at::Tensor& table, at::ScalarType dtype, double lr, const std::optional<at::Tensor>& lr_tensor,
                    double l1, double l2, double group_lasso);
+
+// The fused optimizer steps (fastreg_optim.cpp): torch's fused Adam / AdamW / SGD update with the
+// decoupled decay `l2` before it and the proximal maps of `l1` and `group_lasso` after it, scaled
+// by lr; they return the penalty (l1, penalty_l2, group_lasso) of the starting weights when
+// `track`, else an undefined tensor. A nonzero `found_inf` skips the step: nothing is written.
+at::Tensor planned_adam_step(const at::Tensor& table, at::ScalarType dtype, double lr,
+                             const std::optional<at::Tensor>& lr_tensor, double beta1, double beta2, double eps,
+                             double weight_decay, bool decoupled, bool amsgrad, bool maximize,
+                             const std::optional<at::Tensor>& grad_scale, const std::optional<at::Tensor>& found_inf,
+                             double l1, double l2, double group_lasso, double penalty_l2, bool track);
+at::Tensor planned_sgd_step(const at::Tensor& table, at::ScalarType dtype, double lr,
+                            const std::optional<at::Tensor>& lr_tensor, double momentum, double dampening,
+                            double weight_decay, bool nesterov, bool maximize, const std::optional<at::Tensor>& first,
+                            const std::optional<at::Tensor>& grad_scale, const std::optional<at::Tensor>& found_inf,
+                            double l1, double l2, double group_lasso, double penalty_l2, bool track);
 }  // namespace cpu
 
 }  // namespace fastreg

@@ -16,6 +16,7 @@
 #include <cstdint>
 #include <list>
 #include <map>
+#include <optional>
 #include <utility>
 #include <vector>
 
@@ -131,6 +132,29 @@ bool make_key(PyObject* list, int64_t kind, Key& key) {
   return true;
 }
 
+// Extends a key with more tensor lists that a plan addresses (an optimizer's state: exp_avg,
+// step, ...), element by element as the call's own tensors; false when an element is not a plain
+// dense tensor.
+bool extend_key(PyObject* lists, Key& key) {
+  const Py_ssize_t n = PyList_GET_SIZE(lists);
+  push(key, n);
+  for (Py_ssize_t l = 0; l < n; ++l) {
+    PyObject* list = PyList_GET_ITEM(lists, l);
+    if (!PyList_Check(list)) {
+      return false;
+    }
+    push(key, PyList_GET_SIZE(list));
+    for (Py_ssize_t i = 0; i < PyList_GET_SIZE(list); ++i) {
+      const at::Tensor* t = plain_tensor(PyList_GET_ITEM(list, i));
+      if (t == nullptr) {
+        return false;
+      }
+      push_tensor(key, *t);
+    }
+  }
+  return true;
+}
+
 // A bounded, least-recently-used map from keys to plans (Python objects). Lookups hold the GIL,
 // as every call of this module does, so the cache needs no lock of its own.
 class PlanCache {
@@ -139,8 +163,8 @@ class PlanCache {
 
   // (plan, None) when a plan of an equal key is cached; (None, key) when none is, for put();
   // (None, None) when the list is not one a plan describes.
-  py::tuple lookup(const py::list& tensors, int64_t kind) {
-    if (!make_key(tensors.ptr(), kind, scratch_)) {
+  py::tuple lookup(const py::list& tensors, int64_t kind, const std::optional<py::list>& extra) {
+    if (!make_key(tensors.ptr(), kind, scratch_) || (extra.has_value() && !extend_key(extra->ptr(), scratch_))) {
       return py::make_tuple(py::none(), py::none());
     }
     for (auto it = entries_.begin(); it != entries_.end(); ++it) {
@@ -337,7 +361,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   py::class_<Key>(m, "Key").def_property_readonly("hash", [](const Key& k) { return k.hash; });
   py::class_<PlanCache>(m, "PlanCache")
       .def(py::init<int64_t>(), py::arg("capacity"))
-      .def("lookup", &PlanCache::lookup, py::arg("tensors"), py::arg("kind"))
+      .def("lookup", &PlanCache::lookup, py::arg("tensors"), py::arg("kind"), py::arg("extra") = py::none())
       .def("put", &PlanCache::put, py::arg("key"), py::arg("plan"))
       .def("clear", &PlanCache::clear)
       .def("__len__", &PlanCache::size)
@@ -355,4 +379,13 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("l2"), py::arg("group_lasso"));
   m.def("decay_", &fastreg::cpu::planned_decay, py::arg("table"), py::arg("dtype"), py::arg("lr"),
         py::arg("lr_tensor"), py::arg("l1"), py::arg("l2"), py::arg("group_lasso"));
+  // The fused optimizer steps (fastreg_optim.cpp), for fastreg/fused.py.
+  m.def("adam_step_", &fastreg::cpu::planned_adam_step, py::arg("table"), py::arg("dtype"), py::arg("lr"),
+        py::arg("lr_tensor"), py::arg("beta1"), py::arg("beta2"), py::arg("eps"), py::arg("weight_decay"),
+        py::arg("decoupled"), py::arg("amsgrad"), py::arg("maximize"), py::arg("grad_scale"), py::arg("found_inf"),
+        py::arg("l1"), py::arg("l2"), py::arg("group_lasso"), py::arg("penalty_l2"), py::arg("track"));
+  m.def("sgd_step_", &fastreg::cpu::planned_sgd_step, py::arg("table"), py::arg("dtype"), py::arg("lr"),
+        py::arg("lr_tensor"), py::arg("momentum"), py::arg("dampening"), py::arg("weight_decay"), py::arg("nesterov"),
+        py::arg("maximize"), py::arg("first"), py::arg("grad_scale"), py::arg("found_inf"), py::arg("l1"),
+        py::arg("l2"), py::arg("group_lasso"), py::arg("penalty_l2"), py::arg("track"));
 }

@@ -18,15 +18,19 @@ if "torch" not in sys.modules:
 
 from .backends import BACKEND_CHOICES
 from .functional import Norms, add_penalty_grad_, decay_, norms, penalty
+from .fused_optim import SGD, Adam, AdamW
 from .groups import param_groups
 from .optim import Regularized
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "Adam",
+    "AdamW",
     "BACKEND_CHOICES",
     "Norms",
     "Regularized",
+    "SGD",
     "add_penalty_grad_",
     "decay_",
     "norms",

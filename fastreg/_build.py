@@ -706,7 +706,8 @@ def _register_fakes() -> None:
     _ops.register_fakes()
 
 
-CPU = _Extension("fastreg_cpu", sources=["ops.cpp", "fastreg_cpu.cpp", "planner.cpp"], headers=["fastreg.h", "plan.h"],
+CPU = _Extension("fastreg_cpu", sources=["ops.cpp", "fastreg_cpu.cpp", "fastreg_optim.cpp", "planner.cpp"],
+                 headers=["fastreg.h", "plan.h", "cpu_table.h"],
                  fallback="`auto` uses the torch backend for CPU tensors",
                  on_load=_register_fakes, python_module=True)
 CUDA = _CudaExtension("fastreg_cuda", sources=["fastreg_cuda.cu"], headers=["fastreg.h", "plan.h"], requires=CPU,

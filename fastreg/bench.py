@@ -12,7 +12,7 @@ the same run.
 On a *host* workload (``tiny-1k``, ``tiny-10k``: tensors of 4 elements) the kernels cost
 nothing and what is measured is the host work of a call. Every task's floor is then
 ``torch._foreach_add_(grads, params, alpha=0)`` on the same list, and every fastreg case
-has a ``first call`` twin that drops the cached plans before each call.
+of a stateless task has a ``first call`` twin that drops the cached plans before each call.
 The CLI (``python -m fastreg bench``) and the pytest-benchmark suite (``benchmarks/``)
 both use :func:`make_cases` and :func:`check`.
 """
@@ -32,6 +32,7 @@ from torch.utils import benchmark as torch_benchmark
 
 from . import _plan, functional
 from .backends import BACKENDS
+from .fused_optim import AdamW as FusedAdamW
 from .optim import Regularized
 from .workloads import Workload
 
@@ -83,6 +84,9 @@ class Task(abc.ABC):
     floor: str
     naive: str
     passes: int  # tensor-sized reads + writes a single-pass implementation makes
+    # Cases carry state from call to call (an optimizer's moments): no first-call twins, whose
+    # check would start from the state their cached twin left.
+    stateful = False
 
     def traffic(self, workload: Workload) -> int:
         return 0 if workload.host else self.passes * workload.bytes
@@ -290,7 +294,72 @@ class TrainingStep(Task):
         return [], _detached(workload.params)
 
 
-TASKS: Dict[str, Task] = {task.name: task for task in (CoupledGrad(), Norms(), DecoupledDecay(), TrainingStep())}
+class AdamWStep(Task):
+    """An optimizer step on the gradients the workload has: AdamW's update with its own
+    (decoupled) weight decay, then the L1 soft threshold, as ``Regularized(AdamW, l1,
+    mode="decoupled")`` and the fused ``fastreg.AdamW(l1=)`` do it."""
+
+    name = "adamw"
+    title = "AdamW step + L1 prox (weight_decay = l2)"
+    floor = "torch AdamW(fused), weight decay only"
+    naive = "torch AdamW + prox loop"
+    passes = 7  # read w, g, m, v; write w, m, v
+    stateful = True
+    # Every case keeps its own AdamW state (two tensors per parameter).
+    MAX_PARAMS = 200_000_000
+
+    def applies_to(self, workload):
+        if workload.numel > self.MAX_PARAMS:
+            return f"keeps AdamW state for each of its cases: at most {self.MAX_PARAMS:,} params (use --size)"
+        return None
+
+    @staticmethod
+    def _adamw(params, setting: Setting, fused: Optional[bool]) -> torch.optim.AdamW:
+        # torch's fused AdamW runs on CPU and CUDA; elsewhere its default implementation.
+        fused = fused and params[0].device.type in ("cpu", "cuda")
+        return torch.optim.AdamW(params, lr=setting.lr, weight_decay=setting.l2, fused=fused or None)
+
+    @staticmethod
+    def _stepper(optimizer, after: Optional[Callable[[], None]] = None):
+        def step():
+            optimizer.step()
+            if after is not None:
+                after()
+
+        return step
+
+    def peers(self, workload, setting, compile):
+        params = workload.params
+        weights = _detached(params)
+        threshold = setting.lr * setting.l1
+        return [
+            Case(self.floor, self._stepper(self._adamw(params, setting, True)), checked=False),
+            Case(self.naive, self._stepper(self._adamw(params, setting, False), lambda: naive_prox(weights, threshold))),
+            Case("torch AdamW(fused) + foreach prox", self._stepper(self._adamw(params, setting, True), lambda: foreach_prox(weights, threshold))),
+        ]
+
+    def fastreg_cases(self, workload, setting, backend):
+        params = workload.params
+        regularized = Regularized(self._adamw(params, setting, True), l1=setting.l1, mode="decoupled", backend=backend, track_penalty=False)
+        cases = [Case(f"fastreg[{backend}] Regularized(AdamW(fused))", self._stepper(regularized))]
+        if backend == "cpp":
+            fused = FusedAdamW(params, lr=setting.lr, weight_decay=setting.l2, l1=setting.l1, track_penalty=False)
+            cases.append(Case("fastreg.AdamW(l1) fused", self._stepper(fused)))
+        return cases
+
+    def snapshot(self, workload):
+        return [p.detach().clone() for p in workload.params]
+
+    def restore(self, workload, saved):
+        with torch.no_grad():
+            for p, w in zip(workload.params, saved):
+                p.copy_(w)
+
+    def outputs(self, workload, returned):
+        return [], _detached(workload.params)
+
+
+TASKS: Dict[str, Task] = {task.name: task for task in (CoupledGrad(), Norms(), DecoupledDecay(), TrainingStep(), AdamWStep())}
 
 
 # -- the peers: how people regularize today -------------------------------------------
@@ -348,16 +417,28 @@ def foreach_norms(params: Sequence[Tensor]) -> Tuple[Tensor, Tensor]:
 def naive_decay(params: Sequence[Tensor], lr: float, l1: float, l2: float) -> None:
     for p in params:
         p.mul_(1 - lr * l2)
-        p.copy_(torch.sign(p) * torch.clamp(p.abs() - lr * l1, min=0))
+        naive_prox([p], lr * l1)
+
+
+def naive_prox(params: Sequence[Tensor], threshold: float) -> None:
+    """The L1 soft threshold as a loop over tensors: ``sign(w) * max(|w| - threshold, 0)``."""
+    with torch.no_grad():
+        for p in params:
+            p.copy_(torch.sign(p) * torch.clamp(p.abs() - threshold, min=0))
+
+
+def foreach_prox(params: Sequence[Tensor], threshold: float) -> None:
+    with torch.no_grad():
+        shrunk = torch._foreach_abs(params)
+        torch._foreach_sub_(shrunk, threshold)
+        torch._foreach_clamp_min_(shrunk, 0.0)
+        torch._foreach_mul_(shrunk, torch._foreach_sign(params))
+        torch._foreach_copy_(params, shrunk)
 
 
 def foreach_decay(params: Sequence[Tensor], lr: float, l1: float, l2: float) -> None:
     torch._foreach_mul_(params, 1 - lr * l2)
-    shrunk = torch._foreach_abs(params)
-    torch._foreach_sub_(shrunk, lr * l1)
-    torch._foreach_clamp_min_(shrunk, 0.0)
-    torch._foreach_mul_(shrunk, torch._foreach_sign(params))
-    torch._foreach_copy_(params, shrunk)
+    foreach_prox(params, lr * l1)
 
 
 # -- cases, checks, timing ------------------------------------------------------------
@@ -372,7 +453,7 @@ def make_cases(task: Task, workload: Workload, setting: Setting, *, compile: boo
         for case in task.fastreg_cases(workload, setting, name):
             case.skip_reason = BACKENDS[name].unavailable_reason(device, dtype)
             found.append(case)
-            if workload.host:
+            if workload.host and not task.stateful:
                 found.append(Case(f"{case.name} first call", _first_call(case.run), case.skip_reason))
     return found
 

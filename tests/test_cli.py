@@ -63,7 +63,9 @@ def test_bench_all_workloads_and_tasks_then_report(tmp_path, capsys):
             assert run["task"]["floor"] == "floor: foreach add (alpha=0)" and run["workload"]["tensors"] in (1000, 10_000)
             assert {n for n in names if n.startswith("fastreg[torch]")} >= {"fastreg[torch]" if run["task"]["name"] != "step"
                                                                           else "fastreg[torch] Regularized(SGD)"}
-            assert sum(n.endswith(" first call") for n in names) == sum(n.startswith("fastreg[") for n in names) // 2
+            cached = [n for n in names if n.startswith("fastreg") and not n.endswith(" first call")]
+            twins = [n for n in names if n.endswith(" first call")]
+            assert twins == ([] if run["task"]["name"] == "adamw" else [f"{n} first call" for n in cached])
         assert next(r for r in run["results"] if r["name"] == run["task"]["floor"])["x_floor"] == 1.0
     assert {r["workload"]["dtype"] for r in record["runs"] if r["workload"]["name"] == "llama-1b"} == {"bfloat16"}
     assert (tmp_path / "bars.png").stat().st_size > 10_000

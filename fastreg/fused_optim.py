@@ -1,0 +1,545 @@
+"""Fused regularized optimizers: :class:`AdamW`, :class:`Adam` and :class:`SGD`.
+
+Each is the ``torch.optim`` optimizer of the same name (a subclass: same arguments, same
+``param_groups`` and state keys, state dicts that load both ways) with fastreg's proximal terms
+added per param group:
+
+    opt = fastreg.AdamW(model.parameters(), lr=3e-4, weight_decay=0.1, l1=1e-5)
+
+A step is ``Regularized(torch_optimizer, mode="decoupled")`` with ``l2=0``: torch's update
+(its own ``weight_decay``: decoupled for AdamW, added to the gradient for Adam and SGD), then
+the soft threshold of ``l1`` and the block shrink of ``group_lasso``, both scaled by the
+group's current ``lr``; they leave exact zeros.
+
+On CPU, for float32 / float64 / bfloat16 / float16 params, the step is one C++ kernel over a
+work-layout table (``csrc/fastreg_optim.cpp``): one pass over the weights, gradients and state
+per element (a second pass over the weights alone for group lasso), which also sums the
+penalty of the starting weights. Its update is torch's fused CPU kernel's, operation for
+operation. Every other case (other devices, ``differentiable`` or ``capturable`` groups,
+non-contiguous tensors, no C++ compiler) runs torch's own step for those groups and fastreg's
+decay ops around it: the same composition, unfused.
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Callable, Dict, List, Optional, Tuple
+
+import torch
+from torch import Tensor
+
+from . import _build, _calls, _dispatch
+from ._dispatch import Coefficients
+from .backends import get_backend
+
+REGULARIZATION_KEYS = ("l1", "group_lasso", "group_dim")
+CACHE_SIZE = 32
+"""Work-layout tables kept per optimizer (one per param group and dtype in steady state)."""
+
+# Cache kinds: graded (the key covers each tensor's .grad) and written, as csrc/planner.cpp's
+# flags, with bits of their own above those so that an optimizer's tables never match a plan's.
+_GRADED_WRITES = 3
+_ADAM_KIND = _GRADED_WRITES | 64
+_SGD_KIND = _GRADED_WRITES | 128
+
+
+def _kernels():
+    """The CPU extension's module (its planner binds the fused steps), or None without one."""
+    return _build.planner()
+
+
+def _check_fraction(name: str, value) -> float:
+    value = float(value)
+    if not 0.0 <= value < 1.0:
+        raise ValueError(f"{name} must be in [0, 1), got {value}")
+    return value
+
+
+def _check_nonnegative(name: str, value) -> float:
+    value = float(value)
+    if not value >= 0.0:
+        raise ValueError(f"{name} must be non-negative, got {value}")
+    return value
+
+
+@dataclasses.dataclass
+class _Part:
+    """The tensors of one dtype of a fused param group, and their tables."""
+
+    dtype: torch.dtype
+    positions: Optional[List[int]]
+    """Positions among the group's tensors with a gradient (None: all of them)."""
+    extents: Tensor
+    tables: Dict[bool, Tensor] = dataclasses.field(default_factory=dict)
+    """By row grouping, as fastreg._plan.Group.tables: built from the addresses the key holds."""
+
+
+_FALLBACK = "fallback"
+
+
+@dataclasses.dataclass
+class _Work:
+    """One param group's step, prepared: checked, its state made, nothing written yet."""
+
+    index: int
+    group: Dict[str, Any]
+    params: List[Tensor]
+    lists: List[List[Tensor]]
+    """Fused: the table's pointer rows after params and grads (the state)."""
+    parts: Optional[List[_Part]]
+    """None: the group runs torch's step (the fallback)."""
+    call: Optional[_calls.Call] = None
+    """Fallback: the prepared call of fastreg's ops on the group's tensors with a gradient."""
+    fresh: Optional[Tensor] = None
+    """SGD: one flag per tensor whose momentum buffer is new (allocated for this step)."""
+
+
+class _Fused:
+    """What the fused optimizers share; mixed in before the torch optimizer class."""
+
+    _kind: int
+
+    # -- construction -------------------------------------------------------------------
+    def _init_regularization(self, l1, group_lasso, group_dim, track_penalty) -> None:
+        coefs = _dispatch.make_coefficients(l1=l1, group_lasso=group_lasso, group_dim=group_dim)
+        self._regularization = {"l1": coefs.l1, "group_lasso": coefs.group_lasso, "group_dim": coefs.group_dim}
+        self.track_penalty = bool(track_penalty)
+        # A dict for the reason fastreg.Regularized gives: torch.compile replays dict mutations.
+        self._log: Dict[str, Optional[Tensor]] = {"last_penalty": None}
+        self._tables = None
+
+    def _finish_init(self) -> None:
+        self.defaults.update(self._regularization)
+        # GradScaler hands the step grad_scale and found_inf instead of unscaling and checking
+        # the gradients itself: the kernel unscales in its one pass and skips a step with an inf.
+        self._step_supports_amp_scaling = True
+
+    @property
+    def last_penalty(self) -> Optional[Tensor]:
+        """The penalty ``l1*|w|_1 + weight_decay/2*|w|^2 + group_lasso*sum_g |w_g|`` of the
+        weights the last step started from, summed over param groups (``None`` before the first
+        step, when nothing is regularized, or with ``track_penalty=False``); a tensor."""
+        return self._log["last_penalty"]
+
+    def _adopt(self, group: Dict[str, Any], index: int) -> None:
+        """Fill in and check a group's regularization keys and its tensors."""
+        for key in REGULARIZATION_KEYS:
+            group.setdefault(key, self._regularization[key])
+        name = f"param_groups[{index}]"
+        for key in ("l1", "group_lasso"):
+            group[key] = _dispatch.check_coefficient(f"{name}[{key!r}]", group[key])
+        try:
+            _dispatch.make_coefficients(group_dim=group["group_dim"])
+        except ValueError as error:
+            raise ValueError(f"{name}['group_dim']: {error}") from None
+        _dispatch.check_tensors(group["params"], f"{name}['params']")
+
+    def add_param_group(self, param_group: Dict[str, Any]) -> None:
+        if not isinstance(param_group, dict):
+            raise TypeError(f"param_group must be a dict, got {type(param_group).__name__}")
+        group = dict(param_group)
+        params = group.get("params")
+        if isinstance(params, Tensor):
+            group["params"] = [params]
+        elif params is not None and not isinstance(params, set):
+            group["params"] = list(params)
+        if params is not None and not isinstance(params, set):
+            self._adopt(group, len(self.param_groups))
+        super().add_param_group(group)
+
+    def __setstate__(self, state: Dict[str, Any]) -> None:
+        super().__setstate__(state)
+        defaults = self.defaults
+        self.__dict__.setdefault("_regularization", {key: defaults.get(key) for key in REGULARIZATION_KEYS})
+        self.__dict__.setdefault("track_penalty", True)
+        self.__dict__.setdefault("_log", {"last_penalty": None})
+        self.__dict__.setdefault("_tables", None)
+        self._step_supports_amp_scaling = True
+
+    def __getstate__(self) -> Dict[str, Any]:
+        state = super().__getstate__()
+        state["_regularization"] = self._regularization
+        state["track_penalty"] = self.track_penalty
+        return state
+
+    def load_state_dict(self, state_dict: Dict[str, Any]) -> None:
+        """Loads a state dict of this class or of the torch optimizer of the same name; groups
+        saved without fastreg's keys get this optimizer's defaults."""
+        super().load_state_dict(state_dict)
+        for index, group in enumerate(self.param_groups):
+            self._adopt(group, index)
+        self._tables = None
+
+    # -- the step -------------------------------------------------------------------------
+    def _coefficients(self, group: Dict[str, Any]) -> Coefficients:
+        return Coefficients(l1=group["l1"], l2=_check_nonnegative("weight_decay", group["weight_decay"]),
+                            group_lasso=group["group_lasso"], group_dim=group["group_dim"])
+
+    def _check_group(self, group: Dict[str, Any], index: int) -> None:
+        """Everything a step reads from a group, checked before any group is written."""
+        name = f"param_groups[{index}]"
+        lr = group["lr"]
+        if isinstance(lr, Tensor):
+            if not lr.is_floating_point() or lr.numel() != 1:
+                raise TypeError(f"{name}['lr'] given as a tensor must be one floating-point element, got {lr.dtype} "
+                                f"of shape {tuple(lr.shape)}")
+        else:
+            _dispatch.check_coefficient(f"{name}['lr']", lr)
+        _check_nonnegative(f"{name}['weight_decay']", group["weight_decay"])
+        for key in ("l1", "group_lasso"):
+            _dispatch.check_coefficient(f"{name}[{key!r}]", group[key])
+        self._check_hyper(group, name)
+
+    def _fusable(self, group: Dict[str, Any], params: List[Tensor], kernels) -> bool:
+        if kernels is None or group.get("differentiable") or group.get("capturable"):
+            return False
+        for p in params:
+            if p.device.type != "cpu" or not p.is_contiguous() or not p.grad.is_contiguous():
+                return False
+        return True
+
+    def _check_grads(self, group: Dict[str, Any], index: int) -> None:
+        name = f"param_groups[{index}]['params']"
+        _dispatch.check_tensors(group["params"], name)
+        for i, p in enumerate(group["params"]):
+            if p.grad is not None and p.grad.is_sparse:
+                raise RuntimeError(f"{name}[{i}].grad is sparse; {type(self).__name__} needs dense gradients")
+        with_grad, grads, indices = _dispatch.grads_of(group["params"], name)
+        _dispatch.check_no_overlap(with_grad, name, indices=indices)
+
+    def _prepare(self, index: int, group: Dict[str, Any], kernels) -> Optional[_Work]:
+        self._check_group(group, index)
+        params = [p for p in group["params"] if p.grad is not None]
+        if not params:
+            return None
+        name = f"param_groups[{index}]"
+        lists = self._state_lists(group, params)
+        if lists is None:
+            self._check_grads(group, index)
+            if not self._fusable(group, params, kernels):
+                return self._fallback_work(index, group, params)
+            self._init_state(group, params)
+            lists = self._state_lists(group, params)
+        work = _Work(index, group, params, lists, None)
+        if kernels is None:
+            return self._fallback_work(index, group, params, lists)
+        if self._tables is None:
+            self._tables = kernels.PlanCache(CACHE_SIZE)
+        found, key = self._tables.lookup(params, self._kind, self._keyed(work))
+        if found is None:
+            self._check_grads(group, index)
+            if self._normalize_state(work):
+                found, key = self._tables.lookup(params, self._kind, self._keyed(work))
+        if found is None:
+            self._check_state(work, name)
+            if key is None or not self._fusable(group, params, kernels) or not self._contiguous_state(work):
+                found = _FALLBACK
+            else:
+                found = [_Part(dtype, None if len(split) == 1 else positions, _extents([params[i] for i in positions]))
+                         for split in [_dispatch.split(params)] for _, dtype, positions in split]
+            if key is not None:
+                self._tables.put(key, found)
+        if found is _FALLBACK:
+            return self._fallback_work(index, group, params)
+        work.parts = found
+        self._before_fused(work)
+        return work
+
+    def _keyed(self, work: _Work) -> List[List[Tensor]]:
+        return work.lists
+
+    def _before_fused(self, work: _Work) -> None:
+        pass
+
+    def _normalize_state(self, work: _Work) -> bool:
+        """Bring state of another form to the kernel's (True when anything changed)."""
+        return False
+
+    def _contiguous_state(self, work: _Work) -> bool:
+        return all(s is None or s.is_contiguous() for row in work.lists for s in row)
+
+    def _check_state(self, work: _Work, name: str) -> None:
+        """State tensors that match their params (a bad checkpoint could hold others)."""
+        for row in work.lists:
+            for i, (p, s) in enumerate(zip(work.params, row)):
+                if s.shape != p.shape or s.dtype != p.dtype or s.device != p.device:
+                    raise ValueError(f"{name}: state of the param with gradient {i} is {s.dtype} {tuple(s.shape)} on "
+                                     f"{s.device}, but the param is {p.dtype} {tuple(p.shape)} on {p.device}")
+
+    def _fallback_work(self, index: int, group: Dict[str, Any], params: List[Tensor],
+                       lists: Optional[List[List[Tensor]]] = None) -> _Work:
+        # torch's step checks tensors as it goes, after earlier groups are written.
+        self._check_grads(group, index)
+        if lists is not None:
+            self._check_state(_Work(index, group, params, lists, None), f"param_groups[{index}]")
+        call = None
+        if not self._coefficients(group).is_zero():
+            call = _calls.prepare(group["params"], None, with_grads=True, writes_params=True,
+                                  name=f"param_groups[{index}]['params']", devices=True)
+        return _Work(index, group, params, [], None, call)
+
+    def _table(self, work: _Work, part: _Part, rows: bool, kernels) -> Tensor:
+        table = part.tables.get(rows)
+        if table is not None:
+            return table
+        pick = (lambda row: row) if part.positions is None else (lambda row: [row[i] for i in part.positions])
+        chunk, max_groups = get_backend("cpp").layout_limits(torch.device("cpu"))
+        rows_list = [work.params, [p.grad for p in work.params]] + work.lists
+        table = kernels.layout(part.extents, rows, len(rows_list), chunk, max_groups)
+        for r, row in enumerate(rows_list):
+            kernels.set_ptrs(table, r, pick(row))
+        part.tables[rows] = table
+        return table
+
+    @torch.no_grad()
+    def step(self, closure: Optional[Callable[[], Any]] = None):
+        """One step of every param group; with a closure, evaluates it first (with grad on)."""
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        kernels = _kernels()
+        works = [w for index, group in enumerate(self.param_groups) if (w := self._prepare(index, group, kernels)) is not None]
+        grad_scale = getattr(self, "grad_scale", None)
+        found_inf = getattr(self, "found_inf", None)
+        values = []
+        fallback = [w for w in works if w.parts is None]
+        if fallback:
+            values += self._fallback_step(fallback, grad_scale, found_inf)
+        for work in works:
+            if work.parts is None:
+                continue
+            coefs = self._coefficients(work.group)
+            track = self.track_penalty and not coefs.is_zero()
+            rows = coefs.group_dim == 0 and coefs.group_lasso != 0.0
+            for part in work.parts:
+                value = self._run(kernels, self._table(work, part, rows, kernels), part.dtype, work, coefs, track,
+                                  grad_scale, found_inf)
+                if track:
+                    values.append(value)
+            self._after_fused(work, found_inf)
+        if self.track_penalty:
+            self._log["last_penalty"] = _dispatch.total(values, _dispatch.result_dtype(values), values[0].device) if values else None
+        return loss
+
+    def _after_fused(self, work: _Work, found_inf: Optional[Tensor]) -> None:
+        pass
+
+    def _fallback_step(self, works: List[_Work], grad_scale: Optional[Tensor], found_inf: Optional[Tensor]) -> List[Tensor]:
+        """torch's step for these groups, with fastreg's penalty before and prox after it."""
+        values = []
+        for work in works:
+            coefs = self._coefficients(work.group)
+            if self.track_penalty and work.call is not None:
+                values.append(_calls.value(work.call, coefs))
+        skipped = found_inf is not None and bool(found_inf.item())
+        if skipped:
+            return values
+        # torch's fused groups take GradScaler's tensors themselves; the others are given
+        # unscaled gradients, as the fused kernels compute them.
+        if grad_scale is not None:
+            for work in works:
+                if not work.group.get("fused"):
+                    torch._foreach_div_([p.grad for p in work.params], grad_scale)
+        saved_groups = self.param_groups
+        saved = {name: self.__dict__[name] for name in ("grad_scale", "found_inf") if name in self.__dict__}
+        unfused = [w.group for w in works if not w.group.get("fused")]
+        fused = [w.group for w in works if w.group.get("fused")]
+        torch_step = _unhooked(super().step)
+        try:
+            for groups, scaling in ((unfused, False), (fused, True)):
+                if not groups:
+                    continue
+                self.param_groups = groups
+                for name in ("grad_scale", "found_inf"):
+                    self.__dict__.pop(name, None)
+                if scaling:
+                    self.__dict__.update(saved)
+                torch_step()
+        finally:
+            self.param_groups = saved_groups
+            for name in ("grad_scale", "found_inf"):
+                self.__dict__.pop(name, None)
+            self.__dict__.update(saved)
+        for work in works:
+            if work.call is not None:
+                coefs = self._coefficients(work.group)
+                _calls.decay(work.call, work.group["lr"], coefs.replace(l2=0.0))
+        return values
+
+
+def _unhooked(step: Callable) -> Callable:
+    """A bound torch ``step`` without the hook wrapper torch.optim.Optimizer puts on a class's
+    step (our own step runs the hooks once)."""
+    func = getattr(step, "__func__", step)
+    while getattr(func, "hooked", False):
+        func = func.__wrapped__
+    return func.__get__(step.__self__) if hasattr(step, "__self__") else func
+
+
+def _extents(tensors: List[Tensor]) -> Tensor:
+    return torch.tensor([(t.numel(), t.shape[0] if t.dim() >= 2 else 1) for t in tensors], dtype=torch.long).reshape(-1, 2)
+
+
+def _lr_args(lr) -> Tuple[float, Optional[Tensor]]:
+    return (0.0, lr.reshape(())) if isinstance(lr, Tensor) else (float(lr), None)
+
+
+class _AdamFused(_Fused):
+    _kind = _ADAM_KIND
+
+    def _check_hyper(self, group: Dict[str, Any], name: str) -> None:
+        beta1, beta2 = group["betas"]
+        _check_fraction(f"{name}['betas'][0]", beta1)
+        _check_fraction(f"{name}['betas'][1]", beta2)
+        _check_nonnegative(f"{name}['eps']", group["eps"])
+
+    def _state_lists(self, group: Dict[str, Any], params: List[Tensor]) -> Optional[List[List[Tensor]]]:
+        state = self.state
+        try:
+            states = [state[p] for p in params]
+            lists = [[s["exp_avg"] for s in states], [s["exp_avg_sq"] for s in states], [s["step"] for s in states]]
+            if group["amsgrad"]:
+                lists.append([s["max_exp_avg_sq"] for s in states])
+        except KeyError:
+            return None
+        return lists
+
+    def _init_state(self, group: Dict[str, Any], params: List[Tensor]) -> None:
+        for p in params:
+            s = self.state[p]
+            # torch's fused step's state: a float32 step on the param's device.
+            s.setdefault("step", torch.zeros((), dtype=torch.float32, device=p.device))
+            for key in ("exp_avg", "exp_avg_sq") + (("max_exp_avg_sq",) if group["amsgrad"] else ()):
+                s.setdefault(key, torch.zeros_like(p, memory_format=torch.preserve_format))
+
+    def _normalize_state(self, work: _Work) -> bool:
+        changed = False
+        for p, step in zip(work.params, work.lists[2]):
+            if not (isinstance(step, Tensor) and step.dtype == torch.float32 and step.device.type == "cpu" and step.dim() == 0):
+                # A step of torch's unfused optimizers (float64 where the default dtype is
+                # float64, a number in old checkpoints): the same count, as the kernel reads it.
+                self.state[p]["step"] = torch.tensor(float(step), dtype=torch.float32)
+                changed = True
+        if changed:
+            work.lists[:] = self._state_lists(work.group, work.params)
+        return changed
+
+    def _check_state(self, work: _Work, name: str) -> None:
+        super()._check_state(dataclasses.replace(work, lists=work.lists[:2] + work.lists[3:]), name)
+
+    def _run(self, kernels, table, dtype, work, coefs, track, grad_scale, found_inf) -> Tensor:
+        group = work.group
+        beta1, beta2 = group["betas"]
+        lr, lr_tensor = _lr_args(group["lr"])
+        decoupled = bool(group.get("decoupled_weight_decay", isinstance(self, torch.optim.AdamW)))
+        return kernels.adam_step_(table, dtype, lr, lr_tensor, float(beta1), float(beta2), float(group["eps"]),
+                                  coefs.l2, decoupled, bool(group["amsgrad"]), bool(group["maximize"]), grad_scale,
+                                  found_inf, coefs.l1, 0.0, coefs.group_lasso, coefs.l2, track)
+
+
+class AdamW(_AdamFused, torch.optim.AdamW):
+    """``torch.optim.AdamW`` with L1 and group-lasso proximal terms, fused on CPU.
+
+    Args: torch's (``params``, ``lr`` (a number or a one-element tensor), ``betas``, ``eps``,
+    ``weight_decay`` (decoupled), ``amsgrad``, ``maximize``, and the rest by keyword), plus:
+        l1, group_lasso: default strengths for param groups without their own ``"l1"`` /
+            ``"group_lasso"`` keys; after each update, weights are soft-thresholded by
+            ``lr*l1`` and each group shrunk by ``max(0, 1 - lr*group_lasso/|w_g|)``.
+        group_dim: ``None`` (each tensor is one group-lasso group) or ``0`` (each slice along
+            dim 0 of a tensor with two or more dims); a group key too.
+        track_penalty: keep the penalty of each step's starting weights in
+            :attr:`last_penalty`; the fused kernel sums it in the same pass.
+
+    See :mod:`fastreg.fused_optim` for when the fused kernel runs.
+    """
+
+    def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=1e-2, amsgrad=False, *,
+                 l1: float = 0.0, group_lasso: float = 0.0, group_dim: Optional[int] = None,
+                 track_penalty: bool = True, **options) -> None:
+        self._init_regularization(l1, group_lasso, group_dim, track_penalty)
+        super().__init__(params, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, amsgrad=amsgrad, **options)
+        self._finish_init()
+
+
+class Adam(_AdamFused, torch.optim.Adam):
+    """``torch.optim.Adam`` (``weight_decay`` added to the gradient) with L1 and group-lasso
+    proximal terms, fused on CPU; the arguments are :class:`AdamW`'s."""
+
+    def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0, amsgrad=False, *,
+                 l1: float = 0.0, group_lasso: float = 0.0, group_dim: Optional[int] = None,
+                 track_penalty: bool = True, **options) -> None:
+        self._init_regularization(l1, group_lasso, group_dim, track_penalty)
+        super().__init__(params, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, amsgrad=amsgrad, **options)
+        self._finish_init()
+
+
+class SGD(_Fused, torch.optim.SGD):
+    """``torch.optim.SGD`` (``momentum``, ``dampening``, ``nesterov``, ``weight_decay`` added to
+    the gradient) with L1 and group-lasso proximal terms, fused on CPU; the regularization
+    arguments are :class:`AdamW`'s."""
+
+    _kind = _SGD_KIND
+
+    def __init__(self, params, lr=1e-3, momentum=0.0, dampening=0.0, weight_decay=0.0, nesterov=False, *,
+                 l1: float = 0.0, group_lasso: float = 0.0, group_dim: Optional[int] = None,
+                 track_penalty: bool = True, **options) -> None:
+        self._init_regularization(l1, group_lasso, group_dim, track_penalty)
+        super().__init__(params, lr=lr, momentum=momentum, dampening=dampening, weight_decay=weight_decay,
+                         nesterov=nesterov, **options)
+        self._finish_init()
+
+    def _check_hyper(self, group: Dict[str, Any], name: str) -> None:
+        momentum = _check_nonnegative(f"{name}['momentum']", group["momentum"])
+        dampening = float(group["dampening"])
+        if group["nesterov"] and (momentum <= 0 or dampening != 0):
+            raise ValueError(f"{name}: nesterov needs a positive momentum and zero dampening, got "
+                             f"momentum={momentum} dampening={dampening}")
+
+    def _state_lists(self, group: Dict[str, Any], params: List[Tensor]) -> Optional[List[List[Tensor]]]:
+        if group["momentum"] == 0:
+            return []
+        state = self.state
+        # A missing buffer is made by _before_fused (or torch's step): no state to init here.
+        return [[state[p].get("momentum_buffer") for p in params]]
+
+    def _init_state(self, group: Dict[str, Any], params: List[Tensor]) -> None:
+        pass
+
+    def _keyed(self, work: _Work) -> List[List[Tensor]]:
+        # New buffers are made after the lookup; a list with one missing has no key (a miss).
+        return [[b for b in row if b is not None] for row in work.lists]
+
+    def _check_state(self, work: _Work, name: str) -> None:
+        rows = [[b for b in row if b is not None] for row in work.lists]
+        params = [p for p, b in zip(work.params, work.lists[0]) if b is not None] if work.lists else []
+        super()._check_state(dataclasses.replace(work, params=params, lists=rows), name)
+
+    def _before_fused(self, work: _Work) -> None:
+        if not work.lists or all(b is not None for b in work.lists[0]):
+            return
+        row = work.lists[0]
+        work.fresh = torch.tensor([b is None for b in row], dtype=torch.bool)
+        row[:] = [torch.empty_like(p, memory_format=torch.preserve_format) if b is None else b
+                  for p, b in zip(work.params, row)]
+        # Tables hold addresses: the new buffers need new ones, made once (this key has none).
+        for part in work.parts:
+            part.tables.clear()
+
+    def _after_fused(self, work: _Work, found_inf: Optional[Tensor]) -> None:
+        if work.fresh is None:
+            return
+        # A step GradScaler skipped leaves the new buffers unwritten: they are not state yet.
+        if found_inf is not None and bool(found_inf.item()):
+            return
+        for p, b in zip(work.params, work.lists[0]):
+            self.state[p]["momentum_buffer"] = b
+
+    def _run(self, kernels, table, dtype, work, coefs, track, grad_scale, found_inf) -> Tensor:
+        group = work.group
+        lr, lr_tensor = _lr_args(group["lr"])
+        return kernels.sgd_step_(table, dtype, lr, lr_tensor, float(group["momentum"]), float(group["dampening"]),
+                                 coefs.l2, bool(group["nesterov"]), bool(group["maximize"]), work.fresh, grad_scale,
+                                 found_inf, coefs.l1, 0.0, coefs.group_lasso, coefs.l2, track)
+
+
+__all__ = ["Adam", "AdamW", "SGD"]
