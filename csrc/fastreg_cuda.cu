@@ -55,15 +55,14 @@ namespace cuda {
 namespace {
 
 // Threads per block of the item kernels, fixed at compile time: which thread sums which
-// elements, and so every rounding, depends on it. Blocks of this size with registers for
-// kMinBlocks of them per SM (__launch_bounds__) keep enough 16-byte loads in flight to saturate
-// HBM; the launches fill the GPU with what the occupancy API says really fits.
+// elements, and so every rounding, depends on it. __launch_bounds__ asks for registers that let
+// kMinBlocks such blocks share an SM (at most 128 per thread): the widest variants (a 2-byte
+// dtype's decay with group scales) need about 120, and a tighter bound spills them to local
+// memory. The launches then size their grids from the registers each variant really uses
+// (the occupancy API), and the compile check in tests/test_cuda.py fails on any spill.
 constexpr int kThreads = 256;
 constexpr int kWarps = kThreads / 32;
-#ifndef XMINB
-#define XMINB 4
-#endif
-constexpr int kMinBlocks = XMINB;
+constexpr int kMinBlocks = 2;
 constexpr int kFinalizeThreads = 256;
 constexpr int kFinalizeWarps = kFinalizeThreads / 32;
 // Items per finalize slot: each slot's sums are one block's, in a fixed order.
@@ -72,9 +71,9 @@ constexpr int64_t kSlotItems = 8 * kFinalizeThreads;
 // shorter ones by one warp each, and groups under a warp's width by one thread each.
 constexpr int64_t kBlockGroup = 2048;
 constexpr int64_t kWarpGroup = 32;
-// Packs (16 bytes each) a thread loads before it uses any, to keep enough reads in flight: 16
-// elements of 4 or 8 bytes, or 16 of 2 bytes, which is as many registers once widened to fp32
-// (32 of them would need more registers than kMinBlocks blocks per SM leave).
+// Packs (16 bytes each) a thread loads before it uses any, to keep enough reads in flight: 4
+// of 4- or 8-byte elements, 2 of 2-byte ones (16 elements, as many registers once widened to
+// fp32 as 4 packs of fp32; 4 of them would need more registers than kMinBlocks blocks leave).
 template <typename scalar_t>
 constexpr int kUnroll = sizeof(scalar_t) == 2 ? 2 : 4;
 constexpr unsigned kFullMask = 0xffffffffu;
@@ -1219,15 +1218,24 @@ struct DeviceTable::Sync {
   bool kept = false;                  // in captured_tables
 };
 
-DeviceTable::DeviceTable(const at::Tensor& host, const at::Device& device, bool for_capture)
-    : host_(host), device_(device), sync_(std::make_unique<Sync>()) {
+namespace {
+
+void check_host_table(const at::Tensor& host) {
   TORCH_CHECK(host.is_cpu() && host.scalar_type() == at::kLong && host.dim() == 1 && host.is_contiguous() &&
                   host.numel() >= plan::kHeaderWords && host.data_ptr<int64_t>()[plan::kWords] == host.numel(),
-              "fastreg: not a work-layout table (an int64 CPU tensor from the planner's layout())");
-  TORCH_CHECK(device.is_cuda() && device.has_index(), "fastreg: a device table needs a CUDA device with an index, got ",
-              device);
+              "fastreg: host is not a work-layout table (an int64 CPU tensor from the planner's layout()), got ",
+              host.scalar_type(), " of shape ", host.sizes(), " on ", host.device());
   TORCH_CHECK(host.data_ptr<int64_t>()[plan::kChunk] <= kMaxChunk, "fastreg: the CUDA kernels take work items of at most ",
               kMaxChunk, " elements, the table has ", host.data_ptr<int64_t>()[plan::kChunk]);
+}
+
+}  // namespace
+
+DeviceTable::DeviceTable(const at::Tensor& host, const at::Device& device, bool for_capture)
+    : host_(host), device_(device), sync_(std::make_unique<Sync>()) {
+  check_host_table(host);
+  TORCH_CHECK(device.is_cuda() && device.has_index(), "fastreg: a device table needs a CUDA device with an index, got ",
+              device);
   std::copy_n(host.data_ptr<int64_t>(), plan::kHeaderWords, header_);
   const plan::View view(host);
   std::vector<int64_t> split;
@@ -1295,8 +1303,9 @@ void DeviceTable::prepare_use() const {
 }
 
 TablePtr table_to_device(const at::Tensor& host, const at::Device& device) {
+  check_host_table(host);
+  TORCH_CHECK(device.is_cuda(), "fastreg: the cuda backend's tables live on CUDA devices, got ", device);
   const at::Device target = device.has_index() ? device : at::Device(at::kCUDA, c10::cuda::current_device());
-  TORCH_CHECK(target.is_cuda(), "fastreg: the cuda backend's tables live on CUDA devices, got ", device);
   const c10::cuda::CUDAGuard guard(target);
   TORCH_CHECK(!capturing(c10::cuda::getCurrentCUDAStream(target.index()).stream()),
               "fastreg: a new tensor list was given to a fastreg call while a CUDA graph is being captured; its "
