@@ -10,11 +10,12 @@ ops (``torch.ops.fastreg`` on CUDA tensors: non-contiguous tensors, the penalty'
 compiled code) build the same layout in C++ and cache its device table by the tensors'
 addresses, so a repeated call copies nothing and can be captured in a CUDA graph.
 
-Launches per call, whatever the number of tensors: norms 1 (2 when a tensor spans several work
-items); value and coupled value + grad 2; decay and penalty backward 1; with group lasso 3
-(sums, finalize, update; the finalize is left out when no group spans several items and no
-value is wanted). Per-item partial sums are combined in a fixed order, never with float
-atomics, so results are bit-identical from run to run.
+Launches per call, whatever the number of tensors: norms 1, value 2 (item pass + finalize),
+coupled value + grad 2, decay and penalty backward 1; group lasso adds a sums pass (and a
+finalize) before the update pass, which needs each group's norm. A finalize is one small
+parallel kernel that combines the pieces of groups longer than a work item and the items'
+sums, in a fixed order and never with float atomics, so results are bit-identical from run to
+run (norms, decay and the backward launch it only when some group spans several items).
 
 The extension builds on first use (:mod:`fastreg._build`), only where torch is a CUDA build and
 nvcc is installed; until it has built, or if it cannot, :meth:`CudaBackend.unavailable_reason`
