@@ -940,6 +940,7 @@ at::Tensor run_value(const TablePtr& table, at::ScalarType dtype, const Coefs& c
 // also makes the sums for P, in the layout and order value() uses, so the two give the same bits.
 template <bool kAccumulate>
 void run_gradient(const TablePtr& table, at::ScalarType dtype, const Coefs& coefs, const Params& p, at::Tensor* value) {
+  TORCH_INTERNAL_ASSERT(kAccumulate || value == nullptr, "fastreg: P comes with the coupled gradient only");
   if (table->num_items() == 0) {
     return;
   }
@@ -954,12 +955,15 @@ void run_gradient(const TablePtr& table, at::ScalarType dtype, const Coefs& coef
     if (!groups) {
       needs.items = value != nullptr;
       const Scratch<acc_t> scratch(*table, needs);
-      if (value != nullptr) {
-        launch_items<Kind::kGrad, kAccumulate, true, false, scalar_t>(l, p, scratch.ws);
-        launch_finalize<acc_t>(l, p, scratch.ws, value_ptr);
-      } else {
-        launch_items<Kind::kGrad, kAccumulate, false, false, scalar_t>(l, p, scratch.ws);
+      // Only the coupled op wants P, so the backward's kernels never carry the sums.
+      if constexpr (kAccumulate) {
+        if (value != nullptr) {
+          launch_items<Kind::kGrad, kAccumulate, true, false, scalar_t>(l, p, scratch.ws);
+          launch_finalize<acc_t>(l, p, scratch.ws, value_ptr);
+          return;
+        }
       }
+      launch_items<Kind::kGrad, kAccumulate, false, false, scalar_t>(l, p, scratch.ws);
       return;
     }
     needs.items = needs.group_scale = true;
