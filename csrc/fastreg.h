@@ -13,9 +13,6 @@
 
 namespace fastreg {
 
-// Elements per work item of the CUDA kernels' own layout.
-constexpr int64_t kChunk = plan::kDefaultChunk;
-
 struct Coefs {
   double l1;
   double l2;

@@ -1,22 +1,25 @@
-// CUDA kernels for the fastreg ops (schemas in ops.cpp, CPU twin in fastreg_cpu.cpp).
+// CUDA kernels for the fastreg ops: the torch.ops.fastreg list ops (schemas in ops.cpp, CPU
+// twin in fastreg_cpu.cpp) and the table ops of a plan (fastreg/_plan.py, through
+// cuda_bindings.cpp).
 //
-// Multi-tensor apply: every tensor of a call is cut into work items of at most 64K elements
-// (kChunk), and the launch arguments carry a table of the tensors (addresses, int64 sizes, the
-// index of each tensor's first item). Blocks stride over the items of the launch and find an
-// item's tensor by binary search in that table, so one launch covers any number of elements;
-// only the tensor count per launch is bounded by the kernel-parameter space (32 KB with CUDA
-// 12.1+ on Volta and newer, else 4 KB), and longer lists take several launches. Nothing is
-// copied from the host to the device per call, so a call can be captured in a CUDA graph.
+// Every op walks the work layout of plan.h from a copy of its table in device memory: thread
+// blocks take work items (an item's whole groups, or one piece of a split group) in a grid-
+// stride loop, so one launch covers any number of tensors and elements, and nothing about the
+// tensors travels in the kernel arguments. A plan's table is copied once (pinned memory, no
+// wait); the list ops cache theirs by the tensors' addresses and extents, so a call with a cached
+// table copies nothing and can be captured in a CUDA graph.
 //
-// Reductions are deterministic: each item writes its partial sums (abs, squares) to a buffer,
-// in a thread -> element assignment that depends only on the item's length, and a second small
-// kernel combines them in a fixed order. Group lasso needs each group's norm before its update,
-// so those ops run a sums pass, the finalize kernel (norms, per-group scale factors, value) and
-// an update pass, all inside one op call and on the current stream.
+// Reductions are deterministic: every sum is taken in an order fixed by the layout and the
+// block size (a compile-time constant), never by the grid size or scheduling, and without float
+// atomics. An item's sums are written per item; one small finalize kernel then combines the
+// pieces of each split group (a warp per group) and, for a value, all items' sums (fixed slots
+// of items, each summed by one block, then the slots by the last block to finish). Group lasso
+// needs each group's norm before its update, so those ops run a sums pass, the finalize (for
+// split groups and the value) and an update pass, on the current stream.
 //
 // Elementwise math mirrors fastreg_cpu.cpp operation for operation, which products are fused
 // included; the build passes --fmad=false so that nvcc fuses nothing the source does not.
-#include "fastreg.h"
+#include "fastreg_cuda.h"
 
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
@@ -29,27 +32,17 @@
 
 #include <algorithm>
 #include <cstdint>
+#include <cstring>
+#include <list>
+#include <map>
 #include <mutex>
 #include <optional>
+#include <string>
+#include <utility>
 #include <vector>
 
-// Kernel-parameter space for the tensor table. CUDA 12.1 raised the limit from 4,096 to 32,764
-// bytes for devices of compute capability 7.0 and newer; the build passes 4096 when it also
-// targets older architectures.
-#ifndef FASTREG_KERNEL_PARAM_BYTES
-#if defined(__CUDACC_VER_MAJOR__) && (__CUDACC_VER_MAJOR__ > 12 || (__CUDACC_VER_MAJOR__ == 12 && __CUDACC_VER_MINOR__ >= 1))
-#define FASTREG_KERNEL_PARAM_BYTES 32764
-#else
-#define FASTREG_KERNEL_PARAM_BYTES 4096
-#endif
-#endif
-
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ < 700 && FASTREG_KERNEL_PARAM_BYTES > 4096
-#error "fastreg: kernel parameters over 4 KB need compute capability 7.0+; build with -DFASTREG_KERNEL_PARAM_BYTES=4096"
-#endif
-
-// __grid_constant__ lets the kernel index the table in parameter space; without it, taking
-// the table's address would copy all of it into local memory in every thread.
+// __grid_constant__ lets a kernel index a by-value argument in parameter space; without it,
+// indexing it with a thread-dependent index copies all of it into local memory.
 #if defined(__CUDACC_VER_MAJOR__) && (__CUDACC_VER_MAJOR__ > 11 || (__CUDACC_VER_MAJOR__ == 11 && __CUDACC_VER_MINOR__ >= 7)) && \
     (!defined(__CUDA_ARCH__) || __CUDA_ARCH__ >= 700)
 #define FASTREG_GRID_CONSTANT __grid_constant__
@@ -58,74 +51,103 @@
 #endif
 
 namespace fastreg {
+namespace cuda {
 namespace {
 
-constexpr int kThreads = 512;
+// Threads per block of the item kernels, fixed at compile time: which thread sums which
+// elements, and so every rounding, depends on it. __launch_bounds__ asks for registers that let
+// kMinBlocks such blocks share an SM (at most 128 per thread): the widest variants (a 2-byte
+// dtype's decay with group scales) need about 120, and a tighter bound spills them to local
+// memory. The launches then size their grids from the registers each variant really uses
+// (the occupancy API), and the compile check in tests/test_cuda.py fails on any spill.
+constexpr int kThreads = 256;
 constexpr int kWarps = kThreads / 32;
-constexpr int kFinalizeThreads = 1024;
-// Groups of at least this many elements are reduced by the whole block, one after the other;
+constexpr int kMinBlocks = 2;
+constexpr int kFinalizeThreads = 256;
+constexpr int kFinalizeWarps = kFinalizeThreads / 32;
+// Items per finalize slot: each slot's sums are one block's, in a fixed order.
+constexpr int64_t kSlotItems = 8 * kFinalizeThreads;
+// Groups of at least kBlockGroup elements are summed by the whole block, one after the other;
 // shorter ones by one warp each, and groups under a warp's width by one thread each.
 constexpr int64_t kBlockGroup = 2048;
 constexpr int64_t kWarpGroup = 32;
-// Packs (16 bytes each) a thread loads before it uses any, to keep enough reads in flight.
-constexpr int kUnroll = 4;
+// Packs (16 bytes each) a thread loads before it uses any, to keep enough reads in flight: 4
+// of 4- or 8-byte elements, 2 of 2-byte ones (16 elements, as many registers once widened to
+// fp32 as 4 packs of fp32; 4 of them would need more registers than kMinBlocks blocks leave).
+template <typename scalar_t>
+constexpr int kUnroll = sizeof(scalar_t) == 2 ? 2 : 4;
+constexpr unsigned kFullMask = 0xffffffffu;
+
+// Ranges within one work item are indexed with 32-bit offsets.
+constexpr int64_t kMaxChunk = int64_t{1} << 30;
+static_assert(kMaxGroups >= 1 && kChunk >= kBlockGroup && kChunk <= kMaxChunk, "layout limits out of range");
 
 // ---------------------------------------------------------------------------------------------
 // Launch arguments
 
-// Per-call scalars. A learning rate or grad_output held in a device tensor is read by the
-// kernels (lr_ptr / go_ptr), never copied to the host.
+// Where a kernel finds the layout: the device words, with the offsets and counts of the host
+// copy's header (the same words), so no block reads the header.
+struct TableArgs {
+  const int64_t* words;
+  int64_t tensors;
+  int64_t chunk;
+  int64_t ptrs_at;
+  int64_t groups_at;
+  int64_t items_at;
+  int64_t items;
+  int64_t split_at;
+  int64_t split_groups;
+
+  __device__ __forceinline__ int64_t item_word(int64_t i, int64_t field) const {
+    return __ldg(words + items_at + i * plan::kItemWords + field);
+  }
+  __device__ __forceinline__ int64_t group_word(int64_t g, int64_t field) const {
+    return __ldg(words + groups_at + g * plan::kGroupWords + field);
+  }
+  template <typename T>
+  __device__ __forceinline__ T* ptr(int64_t list, int64_t tensor) const {
+    return reinterpret_cast<T*>(__ldg(words + ptrs_at + list * tensors + tensor));
+  }
+};
+
+// Per-call scalars. A learning rate or grad_output held in a CUDA tensor is read by the kernels
+// (lr_ptr / go_ptr), never copied to the host.
 struct Params {
   double l1;
   double l2;
   double group_lasso;
-  double lr;
-  const void* lr_ptr;
+  double lr;           // a float lr, or the value of a CPU lr tensor (lr_tensor)
+  const void* lr_ptr;  // a CUDA lr tensor
   int lr_dtype;
+  bool lr_tensor;  // lr is a tensor: it takes part in the arithmetic in the accumulate dtype
   double grad_output;
   const void* go_ptr;
   int go_dtype;
-  bool prefix;  // the sums pass applies decay steps 1-2 first (norms of the thresholded groups)
+  bool decay;  // decay_: the sums pass sums thresholded weights, and the group scales shrink
 };
 
-// Scratch buffers of one op call, all in the accumulate dtype or int64.
+// Scratch arrays of one op call (nullptr: not needed by this call).
 template <typename acc_t>
 struct Workspace {
-  acc_t* item_abs;        // per item: sum |w|
-  acc_t* item_sq;         // per item: sum w^2
-  acc_t* group_sq;        // per group that fits in one item: sum w^2
-  int64_t* group_first;   // per group cut into several items: its first item ...
-  int64_t* group_count;   // ... and how many (0: group_sq holds the group's sum)
-  acc_t* group_scale;     // per group: the factor of the update pass
-  int64_t* tensor_first;  // per tensor (norms only): first item and item count
-  int64_t* tensor_count;
+  acc_t* item_abs;     // per item: sum |w| of its elements
+  acc_t* item_sq;      // per item: sum w^2
+  acc_t* item_norm;    // per item: sum of the norms of its whole (not split) groups
+  acc_t* group_scale;  // per group: the update pass's factor
+  acc_t* tensor_abs;   // norms(): per-tensor outputs
+  acc_t* tensor_sq;
+  acc_t* split_norm;  // per split group: its norm
+  acc_t* slots;       // finalize: 3 partial totals per slot of kSlotItems items
+  unsigned int* ticket;  // finalize: blocks done
 };
-
-constexpr int kParamReserve = 512;  // Params and Workspace, with room to spare
-constexpr int kTableHeader = 16;
-constexpr int kBytesPerTensor = 6 * 8 + 4;
-constexpr int kMaxTensors = (FASTREG_KERNEL_PARAM_BYTES - kParamReserve - kTableHeader - 8) / kBytesPerTensor;
-
-struct Table {
-  int64_t item_begin[kMaxTensors + 1];  // launch-local index of each tensor's first item; [count] = items
-  void* w[kMaxTensors];
-  void* out[kMaxTensors];  // grads (accumulate) or the new gradient tensors (backward)
-  int64_t group_len[kMaxTensors];
-  int64_t num_groups[kMaxTensors];
-  int64_t group_offset[kMaxTensors];  // index of the tensor's first group among all of the call
-  int32_t index[kMaxTensors];         // the tensor's position in the op's list
-  int32_t count;
-  int64_t item_base;  // global index of the launch's first item
-};
-
-static_assert(sizeof(Table) + sizeof(Params) + sizeof(Workspace<double>) <= FASTREG_KERNEL_PARAM_BYTES,
-              "the launch arguments must fit the kernel-parameter space");
 
 // ---------------------------------------------------------------------------------------------
 // Device helpers
 
 enum class Kind { kSums, kGrad, kDecay };
-enum class Scales { kNone, kGrad, kDecay };
+
+const char* kind_name(Kind k) {
+  return k == Kind::kSums ? "sums" : k == Kind::kGrad ? "grad" : "decay";
+}
 
 int dtype_code(at::ScalarType t) {
   switch (t) {
@@ -143,10 +165,7 @@ int dtype_code(at::ScalarType t) {
 }
 
 template <typename acc_t>
-__device__ __forceinline__ acc_t load_scalar(const void* p, int code, double fallback) {
-  if (p == nullptr) {
-    return static_cast<acc_t>(fallback);
-  }
+__device__ __forceinline__ acc_t load_scalar(const void* p, int code) {
   switch (code) {
     case 0:
       return static_cast<acc_t>(*static_cast<const float*>(p));
@@ -173,7 +192,7 @@ template <typename T>
 __device__ __forceinline__ T warp_sum(T v) {
 #pragma unroll
   for (int offset = 16; offset > 0; offset >>= 1) {
-    v += __shfl_down_sync(0xffffffffu, v, offset);
+    v += __shfl_down_sync(kFullMask, v, offset);
   }
   return v;
 }
@@ -182,8 +201,7 @@ __device__ __forceinline__ T warp_sum(T v) {
 // thread of the block must call it; it leaves the shared buffer free for the next call.
 template <int N, typename T>
 __device__ __forceinline__ void block_sum(T (&v)[N]) {
-  __shared__ alignas(16) unsigned char raw[N * 32 * sizeof(double)];
-  T* shared = reinterpret_cast<T*>(raw);
+  __shared__ T shared[N][32];
   const int lane = threadIdx.x & 31;
   const int warp = threadIdx.x >> 5;
   const int warps = blockDim.x >> 5;
@@ -191,14 +209,14 @@ __device__ __forceinline__ void block_sum(T (&v)[N]) {
   for (int i = 0; i < N; ++i) {
     v[i] = warp_sum(v[i]);
     if (lane == 0) {
-      shared[i * 32 + warp] = v[i];
+      shared[i][warp] = v[i];
     }
   }
   __syncthreads();
   if (warp == 0) {
 #pragma unroll
     for (int i = 0; i < N; ++i) {
-      v[i] = warp_sum(lane < warps ? shared[i * 32 + lane] : T(0));
+      v[i] = warp_sum(lane < warps ? shared[i][lane] : T(0));
     }
   }
   __syncthreads();
@@ -210,41 +228,22 @@ struct alignas(16) Pack {
   T v[kSize];
 };
 
-// A pack of kSize elements: one 16-byte access when aligned and whole, else element by element
-// (never past `left`). Which path runs does not change which thread sees which element.
+// The first `left` (< kSize) elements of a pack, element by element: a range's last pack, or any
+// pack of a range that does not start on a 16-byte boundary. Never touches memory past them.
 template <typename T>
-__device__ __forceinline__ void load_pack(T (&dst)[Pack<T>::kSize], const T* src, int64_t left, bool aligned) {
-  constexpr int n = Pack<T>::kSize;
-  if (aligned && left >= n) {
-    const Pack<T> p = *reinterpret_cast<const Pack<T>*>(src);
+__device__ __forceinline__ void load_part(Pack<T>& dst, const T* src, int left) {
 #pragma unroll
-    for (int j = 0; j < n; ++j) {
-      dst[j] = p.v[j];
-    }
-  } else {
-#pragma unroll
-    for (int j = 0; j < n; ++j) {
-      dst[j] = j < left ? src[j] : T(0.0f);
-    }
+  for (int j = 0; j < Pack<T>::kSize; ++j) {
+    dst.v[j] = j < left ? src[j] : T(0.0f);
   }
 }
 
 template <typename T>
-__device__ __forceinline__ void store_pack(T* dst, const T (&src)[Pack<T>::kSize], int64_t left, bool aligned) {
-  constexpr int n = Pack<T>::kSize;
-  if (aligned && left >= n) {
-    Pack<T> p;
+__device__ __forceinline__ void store_part(T* dst, const Pack<T>& src, int left) {
 #pragma unroll
-    for (int j = 0; j < n; ++j) {
-      p.v[j] = src[j];
-    }
-    *reinterpret_cast<Pack<T>*>(dst) = p;
-  } else {
-#pragma unroll
-    for (int j = 0; j < n; ++j) {
-      if (j < left) {
-        dst[j] = src[j];
-      }
+  for (int j = 0; j < Pack<T>::kSize; ++j) {
+    if (j < left) {
+      dst[j] = src.v[j];
     }
   }
 }
@@ -252,23 +251,23 @@ __device__ __forceinline__ void store_pack(T* dst, const T (&src)[Pack<T>::kSize
 // The per-call constants of the elementwise math, in the accumulate dtype.
 template <typename acc_t>
 struct Ctx {
-  bool use_l1;      // gradient: an l1 term
-  bool use_w;       // gradient: an l2 or group-lasso term, d += w * scale
-  bool fused;       // gradient: no group lasso, so d = fma(w, l2, l1 * sign(w)) as on CPU
-  bool use_l2;      // decay step 1
-  bool use_thr;     // decay step 2
-  bool prefix;      // sums pass: apply decay steps 1-2 before summing
+  bool use_l1;  // gradient: an l1 term
+  bool use_w;   // gradient: an l2 or group-lasso term, d += w * scale
+  bool fused;   // gradient: no group lasso, so d = fma(w, l2, l1 * sign(w)) as on CPU
+  bool use_l2;  // decay step 1
+  bool use_thr;  // decay step 2
+  bool decay;    // sums of thresholded weights; group scales are decay's
   acc_t l1;
-  acc_t go;         // penalty backward: grad_output
-  acc_t factor;     // 1 - lr * l2
-  acc_t threshold;  // lr * l1
+  acc_t go;                // penalty backward: grad_output
+  acc_t factor;            // 1 - lr * l2
+  acc_t threshold;         // lr * l1
   acc_t shrink_threshold;  // lr * group_lasso
   acc_t base_scale;        // the gradient's scale without group lasso: l2
+  acc_t group_lasso;
 };
 
-// A float lr was combined with the coefficients in double by the host, like the CPU kernels
-// and the torch backend do with a Python float; an lr tensor takes part in the arithmetic in
-// the accumulate dtype, like the torch backend's tensor ops.
+// A float lr is combined with the coefficients in double, as the CPU kernels do; an lr tensor
+// takes part in the arithmetic in the accumulate dtype, like the torch backend's tensor ops.
 template <typename acc_t>
 __device__ Ctx<acc_t> make_ctx(const Params& p) {
   Ctx<acc_t> c;
@@ -277,12 +276,13 @@ __device__ Ctx<acc_t> make_ctx(const Params& p) {
   c.fused = p.group_lasso == 0.0;
   c.use_l2 = p.l2 != 0.0;
   c.use_thr = p.l1 != 0.0;
-  c.prefix = p.prefix;
+  c.decay = p.decay;
   c.l1 = static_cast<acc_t>(p.l1);
-  c.go = load_scalar<acc_t>(p.go_ptr, p.go_dtype, p.grad_output);
+  c.go = p.go_ptr != nullptr ? load_scalar<acc_t>(p.go_ptr, p.go_dtype) : static_cast<acc_t>(p.grad_output);
   c.base_scale = static_cast<acc_t>(p.l2);
-  if (p.lr_ptr != nullptr) {
-    const acc_t lr = load_scalar<acc_t>(p.lr_ptr, p.lr_dtype, 0.0);
+  c.group_lasso = static_cast<acc_t>(p.group_lasso);
+  if (p.lr_tensor) {
+    const acc_t lr = p.lr_ptr != nullptr ? load_scalar<acc_t>(p.lr_ptr, p.lr_dtype) : static_cast<acc_t>(p.lr);
     c.factor = acc_t(1) - lr * static_cast<acc_t>(p.l2);
     c.threshold = lr * static_cast<acc_t>(p.l1);
     c.shrink_threshold = lr * static_cast<acc_t>(p.group_lasso);
@@ -309,242 +309,301 @@ __device__ __forceinline__ acc_t decay_prefix(acc_t x, const Ctx<acc_t>& c) {
   return x;
 }
 
-// Processes elements [0, n) of one range whose elements share one group `scale`; thread
-// `rank` of `size` cooperating threads takes packs rank, rank + size, ... and adds its
-// elements' |x| and x^2 into (a, q) in that order when the pass reduces.
+// A group's factor in the update pass, from its norm, as in the CPU kernels.
+template <typename acc_t>
+__device__ __forceinline__ acc_t group_scale(acc_t norm, const Ctx<acc_t>& c) {
+  if (c.decay) {
+    const acc_t t = c.shrink_threshold;
+    return norm > t ? acc_t(1) - (acc_t(1) / norm) * t : acc_t(0);
+  }
+  // An all-zero group has gradient 0 (1/||w_g|| taken as 0), as does a NaN norm.
+  return c.base_scale + c.group_lasso * (norm > acc_t(0) ? acc_t(1) / norm : acc_t(0));
+}
+
+// The elementwise math of one pack: its first `left` elements, read from x (and, accumulating
+// a gradient, from y), written to y; their |x| and x^2 added into (a, q) when the pass reduces.
 template <Kind K, bool kAccumulate, bool kWithSums, typename scalar_t, typename acc_t>
-__device__ __forceinline__ void run_range(scalar_t* w, scalar_t* out, int64_t n, int rank, int size, const Ctx<acc_t>& c,
-                                          acc_t scale, bool shrink, acc_t& a, acc_t& q) {
-  constexpr int N = Pack<scalar_t>::kSize;
-  constexpr bool kReadOut = K == Kind::kGrad && kAccumulate;
+__device__ __forceinline__ void apply_pack(const Pack<scalar_t>& x, Pack<scalar_t>& y, int left, const Ctx<acc_t>& c,
+                                           acc_t scale, bool shrink, acc_t& a, acc_t& q) {
   constexpr bool kReduce = K == Kind::kSums || kWithSums;
+  const acc_t zero(0);
+#pragma unroll
+  for (int j = 0; j < Pack<scalar_t>::kSize; ++j) {
+    if (j >= left) {
+      continue;
+    }
+    acc_t xv = static_cast<acc_t>(x.v[j]);
+    if constexpr (K == Kind::kSums) {
+      if (c.decay) {
+        xv = decay_prefix(xv, c);
+      }
+    } else if constexpr (K == Kind::kGrad) {
+      // Never -0.0, so it stands for the reference's 0 + l1 * sign(x); NaN has sign 0.
+      acc_t d = c.use_l1 ? (xv > zero ? c.l1 : zero) - (xv < zero ? c.l1 : zero) : zero;
+      if (c.use_w) {
+        d = c.fused ? fused_mul_add(xv, scale, d) : d + xv * scale;
+      }
+      if constexpr (kAccumulate) {
+        y.v[j] = static_cast<scalar_t>(static_cast<acc_t>(y.v[j]) + d);
+      } else {
+        y.v[j] = static_cast<scalar_t>(d * c.go);
+      }
+    } else {
+      acc_t v = decay_prefix(xv, c);
+      if (shrink) {
+        v = v * scale;
+      }
+      y.v[j] = static_cast<scalar_t>(v);
+    }
+    if constexpr (kReduce) {
+      a += fabs(xv);
+      q = fused_mul_add(xv, xv, q);
+    }
+  }
+}
+
+// Processes elements [0, n) of one range whose elements share one group `scale`; thread
+// `rank` of `kSize` cooperating threads takes packs rank, rank + size, ... in that order. Whole
+// packs of an aligned range move as 16-byte accesses, kUnroll of them loaded before any is used;
+// the rest element by element, with the same thread -> element assignment and order, so the
+// sums do not depend on alignment. A range is at most one work item (chunk <= kMaxChunk
+// elements), so 32-bit offsets within it suffice.
+template <int kSize, Kind K, bool kAccumulate, bool kWithSums, typename scalar_t, typename acc_t>
+__device__ __forceinline__ void run_range(scalar_t* w, scalar_t* out, int n, int rank, const Ctx<acc_t>& c,
+                                          acc_t scale, bool shrink, acc_t& a, acc_t& q) {
+  // A constant stride puts every unrolled access at an immediate offset from one address.
+  constexpr int size = kSize;
+  constexpr int N = Pack<scalar_t>::kSize;
+  constexpr int U = kUnroll<scalar_t>;
+  constexpr bool kReadOut = K == Kind::kGrad && kAccumulate;
   scalar_t* dst = K == Kind::kGrad ? out : w;
   bool aligned = reinterpret_cast<uintptr_t>(w) % 16 == 0;
   if constexpr (K == Kind::kGrad) {
     aligned = aligned && reinterpret_cast<uintptr_t>(out) % 16 == 0;
   }
-  const int64_t packs = (n + N - 1) / N;
-  const acc_t zero(0);
-  for (int64_t base = rank; base < packs; base += static_cast<int64_t>(size) * kUnroll) {
-    scalar_t x[kUnroll][N];
-    scalar_t g[kUnroll][N];
+  const int whole = aligned ? n / N : 0;  // packs moved as 16-byte accesses
+  for (int base = rank; base < whole; base += size * U) {
+    const Pack<scalar_t>* wp = reinterpret_cast<const Pack<scalar_t>*>(w) + base;
+    const Pack<scalar_t>* op = reinterpret_cast<const Pack<scalar_t>*>(out) + base;
+    Pack<scalar_t>* dp = reinterpret_cast<Pack<scalar_t>*>(dst) + base;
+    Pack<scalar_t> x[U];
+    Pack<scalar_t> y[U];
 #pragma unroll
-    for (int u = 0; u < kUnroll; ++u) {
-      const int64_t pk = base + static_cast<int64_t>(u) * size;
-      if (pk < packs) {
-        load_pack(x[u], w + pk * N, n - pk * N, aligned);
+    for (int u = 0; u < U; ++u) {
+      if (base + u * size < whole) {
+        x[u] = wp[u * size];
         if constexpr (kReadOut) {
-          load_pack(g[u], out + pk * N, n - pk * N, aligned);
+          y[u] = op[u * size];
         }
       }
     }
 #pragma unroll
-    for (int u = 0; u < kUnroll; ++u) {
-      const int64_t pk = base + static_cast<int64_t>(u) * size;
-      if (pk >= packs) {
-        continue;
-      }
-      const int64_t left = n - pk * N;
-      scalar_t y[N];
-#pragma unroll
-      for (int j = 0; j < N; ++j) {
-        if (j >= left) {
-          y[j] = x[u][j];
-          continue;
-        }
-        acc_t xv = static_cast<acc_t>(x[u][j]);
-        if constexpr (K == Kind::kSums) {
-          if (c.prefix) {
-            xv = decay_prefix(xv, c);
-          }
-        } else if constexpr (K == Kind::kGrad) {
-          // Never -0.0, so it stands for the reference's 0 + l1 * sign(x); NaN has sign 0.
-          acc_t d = c.use_l1 ? (xv > zero ? c.l1 : zero) - (xv < zero ? c.l1 : zero) : zero;
-          if (c.use_w) {
-            d = c.fused ? fused_mul_add(xv, scale, d) : d + xv * scale;
-          }
-          if constexpr (kAccumulate) {
-            y[j] = static_cast<scalar_t>(static_cast<acc_t>(g[u][j]) + d);
-          } else {
-            y[j] = static_cast<scalar_t>(d * c.go);
-          }
-        } else {
-          acc_t v = decay_prefix(xv, c);
-          if (shrink) {
-            v = v * scale;
-          }
-          y[j] = static_cast<scalar_t>(v);
-        }
-        if constexpr (kReduce) {
-          a += fabs(xv);
-          q = fused_mul_add(xv, xv, q);
+    for (int u = 0; u < U; ++u) {
+      if (base + u * size < whole) {
+        apply_pack<K, kAccumulate, kWithSums>(x[u], y[u], N, c, scale, shrink, a, q);
+        if constexpr (K != Kind::kSums) {
+          dp[u * size] = y[u];
         }
       }
-      if constexpr (K != Kind::kSums) {
-        store_pack(dst + pk * N, y, left, aligned);
-      }
+    }
+  }
+  // The packs after the whole ones (all of them when unaligned), each by its owner, in order.
+  const int packs = (n + N - 1) / N;
+  const int first = whole + ((rank - whole % size) % size + size) % size;
+  for (int pk = first; pk < packs; pk += size) {
+    const int left = min(N, n - pk * N);
+    Pack<scalar_t> x;
+    Pack<scalar_t> y;
+    load_part(x, w + pk * N, left);
+    if constexpr (kReadOut) {
+      load_part(y, out + pk * N, left);
+    }
+    apply_pack<K, kAccumulate, kWithSums>(x, y, left, c, scale, shrink, a, q);
+    if constexpr (K != Kind::kSums) {
+      store_part(dst + pk * N, y, left);
     }
   }
 }
 
-// One work item: a chunk of a group longer than kChunk, or a run of whole groups. Groups are
-// tracked (kGroups) only with group lasso; then the sums pass records each group's sum of
-// squares and the update passes read each group's scale.
+// One thread's view of a pass over items: the ranges it runs and the sums it keeps.
 template <Kind K, bool kAccumulate, bool kWithSums, bool kGroups, typename scalar_t, typename acc_t>
-__device__ void process_item(const Table& table, int slot, int64_t k, int64_t item, const Ctx<acc_t>& c,
-                             const Workspace<acc_t>& ws) {
-  constexpr bool kReduce = K == Kind::kSums || kWithSums;
-  constexpr bool kRecordGroups = kGroups && K == Kind::kSums;
-  constexpr bool kReadScales = kGroups && K != Kind::kSums;
-  scalar_t* w = static_cast<scalar_t*>(table.w[slot]);
-  scalar_t* out = static_cast<scalar_t*>(table.out[slot]);
-  const int64_t len = table.group_len[slot];
-  const int64_t groups = table.num_groups[slot];
-  const int64_t goff = table.group_offset[slot];
-  const int tid = threadIdx.x;
-  const bool shrink = kReadScales && K == Kind::kDecay;
+struct ItemPass {
+  static constexpr bool kReduce = K == Kind::kSums || kWithSums;
+  static constexpr bool kReadScales = kGroups && K != Kind::kSums;
 
-  if (K == Kind::kSums && ws.tensor_first != nullptr && k == 0 && tid == 0) {
-    const int t = table.index[slot];
-    ws.tensor_first[t] = item;
-    ws.tensor_count[t] = table.item_begin[slot + 1] - table.item_begin[slot];
+  const TableArgs& t;
+  const Ctx<acc_t>& c;
+  const Workspace<acc_t>& ws;
+  acc_t total[3];  // this thread's share of the item's sum |w|, sum w^2, sum of group norms
+
+  // Elements [offset, offset + n) of group g, by thread `rank` of `size`; returns its sums.
+  __device__ __forceinline__ void run(int64_t g, int64_t offset, int n, int rank, int size, acc_t& a, acc_t& q) const {
+    const int64_t tensor = t.group_word(g, plan::kGroupTensor);
+    const int64_t begin = t.group_word(g, plan::kGroupStart) + offset;
+    scalar_t* w = t.ptr<scalar_t>(0, tensor) + begin;
+    scalar_t* out = K == Kind::kGrad ? t.ptr<scalar_t>(1, tensor) + begin : nullptr;
+    const acc_t scale = kReadScales ? ws.group_scale[g] : c.base_scale;
+    constexpr bool shrink = kReadScales && K == Kind::kDecay;
+    if (size == kThreads) {
+      run_range<kThreads, K, kAccumulate, kWithSums>(w, out, n, rank, c, scale, shrink, a, q);
+    } else if (size == 32) {
+      run_range<32, K, kAccumulate, kWithSums>(w, out, n, rank, c, scale, shrink, a, q);
+    } else {
+      run_range<1, K, kAccumulate, kWithSums>(w, out, n, rank, c, scale, shrink, a, q);
+    }
   }
 
-  if (len == 0 || groups == 0) {  // an empty tensor: one item of no elements
-    if constexpr (kRecordGroups) {
-      for (int64_t g = tid; g < groups; g += blockDim.x) {
-        ws.group_sq[goff + g] = acc_t(0);
-        ws.group_count[goff + g] = 0;
+  // A whole group's sums are known (to one thread): they join the item's, and a sums pass
+  // records what later passes need of the group.
+  __device__ __forceinline__ void finish_group(int64_t g, acc_t a, acc_t q) {
+    total[0] += a;
+    total[1] += q;
+    if constexpr (K == Kind::kSums) {
+      if (ws.tensor_abs != nullptr) {
+        const int64_t tensor = t.group_word(g, plan::kGroupTensor);
+        ws.tensor_abs[tensor] = a;
+        ws.tensor_sq[tensor] = q;
+      }
+      if constexpr (kGroups) {
+        const acc_t norm = sqrt(q);
+        total[2] += norm;
+        if (ws.group_scale != nullptr) {
+          ws.group_scale[g] = group_scale(norm, c);
+        }
       }
     }
-    if (kReduce && tid == 0) {
-      ws.item_abs[item] = acc_t(0);
-      ws.item_sq[item] = acc_t(0);
-    }
-    return;
   }
 
-  if (len >= kChunk) {  // one chunk of a group cut into several items
-    const int64_t per_group = (len + kChunk - 1) / kChunk;
-    const int64_t g = k / per_group;
-    const int64_t part = k - g * per_group;
-    const int64_t begin = g * len + part * kChunk;
-    const int64_t rest = len - part * kChunk;
-    const int64_t n = rest < kChunk ? rest : kChunk;
-    const acc_t scale = kReadScales ? ws.group_scale[goff + g] : c.base_scale;
-    acc_t v[2] = {acc_t(0), acc_t(0)};
-    run_range<K, kAccumulate, kWithSums>(w + begin, out + begin, n, tid, blockDim.x, c, scale, shrink, v[0], v[1]);
-    if constexpr (kReduce) {
-      block_sum(v);
-      if (tid == 0) {
-        ws.item_abs[item] = v[0];
-        ws.item_sq[item] = v[1];
+  // Item i: its groups in windows of 32. In a window, each group of kBlockGroup or more elements
+  // (and the piece of a split group) is run by the whole block, in order; then the k-th shorter
+  // group of the item by warp k % kWarps, and the k-th group under a warp's width by thread
+  // k % kThreads. The assignment depends only on the layout, so every sum has a fixed order.
+  __device__ __forceinline__ void item(int64_t i) {
+    const int tid = threadIdx.x;
+    const int lane = tid & 31;
+    const int warp = tid >> 5;
+    const int64_t g0 = t.item_word(i, plan::kItemGroup);
+    const int64_t g1 = t.item_word(i, plan::kItemGroupEnd);
+    total[0] = total[1] = total[2] = acc_t(0);
+    // Groups of the item so far that went to a warp, and to a thread, modulo their counts.
+    int warp_turn = 0;
+    int thread_turn = 0;
+    for (int64_t base = g0; base < g1; base += 32) {
+      const int64_t len = base + lane < g1 ? t.group_word(base + lane, plan::kGroupLen) : -1;
+      const bool whole = len >= kBlockGroup || len > t.chunk;
+      unsigned block_tasks = __ballot_sync(kFullMask, whole);
+      const unsigned per_warp = __ballot_sync(kFullMask, len >= kWarpGroup && !whole);
+      const unsigned per_thread = __ballot_sync(kFullMask, len >= 0 && len < kWarpGroup);
+      unsigned warp_tasks = 0;
+      for (unsigned m = per_warp; m != 0; m &= m - 1) {
+        if (warp_turn == warp) {
+          warp_tasks |= m & (~m + 1);
+        }
+        warp_turn = warp_turn + 1 == kWarps ? 0 : warp_turn + 1;
       }
-    }
-    if (kRecordGroups && part == 0 && tid == 0) {
-      ws.group_first[goff + g] = item;
-      ws.group_count[goff + g] = per_group;
-    }
-    return;
-  }
+      // Each thread has at most one of the window's (at most 32) thread-sized groups.
+      const int count = __popc(per_thread);
+      const int mine = tid >= thread_turn ? tid - thread_turn : tid - thread_turn + kThreads;
+      unsigned thread_task = 0;
+      if (mine < count) {
+        unsigned m = per_thread;
+        for (int k = 0; k < mine; ++k) {
+          m &= m - 1;
+        }
+        thread_task = m & (~m + 1);
+      }
+      thread_turn = (thread_turn + count) % kThreads;
 
-  const int64_t per_item = kChunk / len;
-  const int64_t g0 = k * per_item;
-  const int64_t g1 = std::min(g0 + per_item, groups);
-  acc_t total[2] = {acc_t(0), acc_t(0)};
-  if (g1 - g0 == 1 || len >= kBlockGroup) {
-    for (int64_t g = g0; g < g1; ++g) {
-      const acc_t scale = kReadScales ? ws.group_scale[goff + g] : c.base_scale;
-      acc_t v[2] = {acc_t(0), acc_t(0)};
-      run_range<K, kAccumulate, kWithSums>(w + g * len, out + g * len, len, tid, blockDim.x, c, scale, shrink, v[0], v[1]);
-      if constexpr (kReduce) {
-        block_sum(v);
-        if (tid == 0) {
-          total[0] += v[0];
-          total[1] += v[1];
-          if constexpr (kRecordGroups) {
-            ws.group_sq[goff + g] = v[1];
-            ws.group_count[goff + g] = 0;
+      // The block's tasks, then the warp's, then the thread's, all through one run().
+      for (;;) {
+        unsigned bit;
+        int rank, size;
+        if (block_tasks != 0) {
+          bit = block_tasks & (~block_tasks + 1);
+          block_tasks ^= bit;
+          rank = tid;
+          size = kThreads;
+        } else if (warp_tasks != 0) {
+          bit = warp_tasks & (~warp_tasks + 1);
+          warp_tasks ^= bit;
+          rank = lane;
+          size = 32;
+        } else if (thread_task != 0) {
+          bit = thread_task;
+          thread_task = 0;
+          rank = 0;
+          size = 1;
+        } else {
+          break;
+        }
+        const int64_t g = base + __ffs(bit) - 1;
+        const int64_t group_len = t.group_word(g, plan::kGroupLen);
+        const bool split = group_len > t.chunk;
+        acc_t v[2] = {acc_t(0), acc_t(0)};
+        run(g, split ? t.item_word(i, plan::kItemOffset) : 0,
+            static_cast<int>(split ? t.item_word(i, plan::kItemLen) : group_len), rank, size, v[0], v[1]);
+        if constexpr (kReduce) {
+          if (size == kThreads) {
+            block_sum(v);
+          } else if (size == 32) {
+            v[0] = warp_sum(v[0]);
+            v[1] = warp_sum(v[1]);
+          }
+          if (rank == 0) {
+            if (split) {  // a piece: the finalize combines the group's pieces
+              total[0] += v[0];
+              total[1] += v[1];
+            } else {
+              finish_group(g, v[0], v[1]);
+            }
           }
         }
       }
     }
-    if (kReduce && tid == 0) {
-      ws.item_abs[item] = total[0];
-      ws.item_sq[item] = total[1];
-    }
-    return;
-  }
-
-  // Many short groups: a warp per group, or a thread per group when groups are narrower than a
-  // warp. Each group's sum, and each thread's running total, has a fixed order.
-  const bool per_warp = len >= kWarpGroup;
-  const int lane = tid & 31;
-  const int rank = per_warp ? lane : 0;
-  const int size = per_warp ? 32 : 1;
-  const int64_t first = per_warp ? (tid >> 5) : tid;
-  const int64_t stride = per_warp ? (blockDim.x >> 5) : blockDim.x;
-  for (int64_t g = g0 + first; g < g1; g += stride) {
-    const acc_t scale = kReadScales ? ws.group_scale[goff + g] : c.base_scale;
-    acc_t a(0), q(0);
-    run_range<K, kAccumulate, kWithSums>(w + g * len, out + g * len, len, rank, size, c, scale, shrink, a, q);
     if constexpr (kReduce) {
-      if (per_warp) {
-        a = warp_sum(a);
-        q = warp_sum(q);
-      }
-      if (rank == 0) {
-        total[0] += a;
-        total[1] += q;
-        if constexpr (kRecordGroups) {
-          ws.group_sq[goff + g] = q;
-          ws.group_count[goff + g] = 0;
+      block_sum(total);
+      if (tid == 0) {
+        ws.item_abs[i] = total[0];
+        ws.item_sq[i] = total[1];
+        if (ws.item_norm != nullptr) {
+          ws.item_norm[i] = total[2];
         }
       }
     }
   }
-  if constexpr (kReduce) {
-    block_sum(total);
-    if (tid == 0) {
-      ws.item_abs[item] = total[0];
-      ws.item_sq[item] = total[1];
-    }
-  }
-}
+};
+
+template <typename scalar_t>
+using acc_of = at::opmath_type<scalar_t>;
 
 template <Kind K, bool kAccumulate, bool kWithSums, bool kGroups, typename scalar_t>
-__global__ void __launch_bounds__(kThreads)
-    items_kernel(const FASTREG_GRID_CONSTANT Table table, const Params params,
-                 const Workspace<at::opmath_type<scalar_t>> ws) {
-  using acc_t = at::opmath_type<scalar_t>;
+__global__ void __launch_bounds__(kThreads, kMinBlocks)
+    items_kernel(const TableArgs t, const Params params, const Workspace<acc_of<scalar_t>> ws) {
+  using acc_t = acc_of<scalar_t>;
+  if (ws.ticket != nullptr && blockIdx.x == 0 && threadIdx.x == 0) {
+    *ws.ticket = 0;  // the finalize that follows on this stream counts its blocks from zero
+  }
   const Ctx<acc_t> c = make_ctx<acc_t>(params);
-  const int64_t items = table.item_begin[table.count];
-  for (int64_t i = blockIdx.x; i < items; i += gridDim.x) {
-    // Every tensor has at least one item, so item_begin is strictly increasing.
-    int lo = 0;
-    int hi = table.count - 1;
-    while (lo < hi) {
-      const int mid = (lo + hi + 1) >> 1;
-      if (table.item_begin[mid] <= i) {
-        lo = mid;
-      } else {
-        hi = mid - 1;
-      }
-    }
-    process_item<K, kAccumulate, kWithSums, kGroups, scalar_t>(table, lo, i - table.item_begin[lo],
-                                                               table.item_base + i, c, ws);
+  ItemPass<K, kAccumulate, kWithSums, kGroups, scalar_t, acc_t> pass{t, c, ws, {}};
+  for (int64_t i = blockIdx.x; i < t.items; i += gridDim.x) {
+    pass.item(i);
   }
 }
 
-// Per-tensor sums for norms(): a warp per tensor over the tensor's items, in item order.
+// After a sums pass: each split group's sums from its items' pieces (a warp per group, lanes
+// over its items, in a fixed tree), giving per-tensor norms, group scales and group norms;
+// then, when `value` is wanted, P from every item's sums and the split groups' norms: slots of
+// kSlotItems items summed by one block each, and the slots by the last block to finish.
 template <typename acc_t>
-__global__ void __launch_bounds__(kThreads)
-    norms_finalize(const Workspace<acc_t> ws, int64_t tensors, acc_t* abs_out, acc_t* sq_out) {
+__global__ void __launch_bounds__(kFinalizeThreads)
+    finalize_kernel(const TableArgs t, const Params params, const Workspace<acc_t> ws, acc_t* value) {
+  const Ctx<acc_t> c = make_ctx<acc_t>(params);
   const int lane = threadIdx.x & 31;
-  const int64_t warp = static_cast<int64_t>(blockIdx.x) * kWarps + (threadIdx.x >> 5);
-  for (int64_t t = warp; t < tensors; t += static_cast<int64_t>(gridDim.x) * kWarps) {
-    const int64_t first = ws.tensor_first[t];
-    const int64_t count = ws.tensor_count[t];
+  const int64_t first_warp = static_cast<int64_t>(blockIdx.x) * kFinalizeWarps + (threadIdx.x >> 5);
+  for (int64_t s = first_warp; s < t.split_groups; s += static_cast<int64_t>(gridDim.x) * kFinalizeWarps) {
+    const int64_t g = __ldg(t.words + t.split_at + s);
+    const int64_t first = t.group_word(g, plan::kGroupItem);
+    const int64_t count = (t.group_word(g, plan::kGroupLen) + t.chunk - 1) / t.chunk;
     acc_t a(0), q(0);
     for (int64_t j = lane; j < count; j += 32) {
       a += ws.item_abs[first + j];
@@ -553,53 +612,66 @@ __global__ void __launch_bounds__(kThreads)
     a = warp_sum(a);
     q = warp_sum(q);
     if (lane == 0) {
-      abs_out[t] = a;
-      sq_out[t] = q;
-    }
-  }
-}
-
-// One block: the totals over all items, every group's norm and the update pass's per-group
-// scale, and P. A split group's sum of squares is the sum of its items' partials, in order.
-template <typename acc_t, Scales S>
-__global__ void __launch_bounds__(kFinalizeThreads)
-    totals_finalize(const Workspace<acc_t> ws, int64_t items, int64_t groups, const Params params, acc_t* value) {
-  const Ctx<acc_t> c = make_ctx<acc_t>(params);
-  const acc_t gl = static_cast<acc_t>(params.group_lasso);
-  acc_t v[3] = {acc_t(0), acc_t(0), acc_t(0)};
-  if (value != nullptr) {
-    for (int64_t i = threadIdx.x; i < items; i += blockDim.x) {
-      v[0] += ws.item_abs[i];
-      v[1] += ws.item_sq[i];
-    }
-  }
-  for (int64_t g = threadIdx.x; g < groups; g += blockDim.x) {
-    const int64_t count = ws.group_count[g];
-    acc_t sq(0);
-    if (count == 0) {
-      sq = ws.group_sq[g];
-    } else {
-      const int64_t first = ws.group_first[g];
-      for (int64_t j = 0; j < count; ++j) {
-        sq += ws.item_sq[first + j];
+      if (ws.tensor_abs != nullptr) {
+        const int64_t tensor = t.group_word(g, plan::kGroupTensor);
+        ws.tensor_abs[tensor] = a;
+        ws.tensor_sq[tensor] = q;
       }
-    }
-    const acc_t norm = sqrt(sq);
-    v[2] += norm;
-    if constexpr (S == Scales::kGrad) {
-      // An all-zero group has gradient 0 (1/||w_g|| taken as 0), as does a NaN norm.
-      ws.group_scale[g] = c.base_scale + gl * (norm > acc_t(0) ? acc_t(1) / norm : acc_t(0));
-    } else if constexpr (S == Scales::kDecay) {
-      const acc_t t = c.shrink_threshold;
-      ws.group_scale[g] = norm > t ? acc_t(1) - t / norm : acc_t(0);
+      const acc_t norm = sqrt(q);
+      if (ws.group_scale != nullptr) {
+        ws.group_scale[g] = group_scale(norm, c);
+      }
+      if (ws.split_norm != nullptr) {
+        ws.split_norm[s] = norm;
+      }
     }
   }
   if (value == nullptr) {
     return;
   }
+  const int64_t slots = (t.items + kSlotItems - 1) / kSlotItems;
+  for (int64_t k = blockIdx.x; k < slots; k += gridDim.x) {
+    acc_t v[3] = {acc_t(0), acc_t(0), acc_t(0)};
+    const int64_t end = (k + 1) * kSlotItems < t.items ? (k + 1) * kSlotItems : t.items;
+    for (int64_t i = k * kSlotItems + threadIdx.x; i < end; i += kFinalizeThreads) {
+      v[0] += ws.item_abs[i];
+      v[1] += ws.item_sq[i];
+      if (ws.item_norm != nullptr) {
+        v[2] += ws.item_norm[i];
+      }
+    }
+    block_sum(v);
+    if (threadIdx.x == 0) {
+      ws.slots[3 * k] = v[0];
+      ws.slots[3 * k + 1] = v[1];
+      ws.slots[3 * k + 2] = v[2];
+    }
+  }
+  // Integer ticket, not float atomics: the last block sums what every block wrote, in order.
+  __shared__ bool last;
+  __threadfence();
+  __syncthreads();
+  if (threadIdx.x == 0) {
+    last = atomicAdd(ws.ticket, 1u) == gridDim.x - 1;
+  }
+  __syncthreads();
+  if (!last) {
+    return;
+  }
+  acc_t v[3] = {acc_t(0), acc_t(0), acc_t(0)};
+  for (int64_t k = threadIdx.x; k < slots; k += kFinalizeThreads) {
+    v[0] += __ldcg(ws.slots + 3 * k);
+    v[1] += __ldcg(ws.slots + 3 * k + 1);
+    v[2] += __ldcg(ws.slots + 3 * k + 2);
+  }
+  if (ws.split_norm != nullptr) {
+    for (int64_t s = threadIdx.x; s < t.split_groups; s += kFinalizeThreads) {
+      v[2] += __ldcg(ws.split_norm + s);
+    }
+  }
   block_sum(v);
   if (threadIdx.x == 0) {
-    // P in the torch backend's order: a zero coefficient leaves its term out entirely.
+    // P in the CPU kernels' order: a zero coefficient leaves its term out entirely.
     acc_t p(0);
     if (params.l1 != 0.0) {
       p = p + static_cast<acc_t>(params.l1) * v[0];
@@ -608,71 +680,134 @@ __global__ void __launch_bounds__(kFinalizeThreads)
       p = p + static_cast<acc_t>(params.l2 / 2) * v[1];
     }
     if (params.group_lasso != 0.0) {
-      p = p + gl * v[2];
+      p = p + c.group_lasso * v[2];
     }
     *value = p;
   }
 }
 
+// Table words as kernel arguments (within 4 KB on every architecture), for a table built while
+// a stream captures a CUDA graph: the graph keeps a kernel's arguments, not host memory.
+constexpr int kFillWords = 448;
+struct FillWords {
+  int64_t w[kFillWords];
+};
+
+__global__ void fill_kernel(int64_t* dst, const FASTREG_GRID_CONSTANT FillWords src, int count) {
+  for (int i = threadIdx.x; i < count; i += blockDim.x) {
+    dst[i] = src.w[i];
+  }
+}
+
 // ---------------------------------------------------------------------------------------------
-// Host side
+// Launch shapes
 
-int blocks_per_launch(int device) {
+struct KernelRecord {
+  std::string name;
+  int threads;
+};
+
+std::mutex& kernels_mutex() {
   static std::mutex mutex;
-  static std::vector<int> sm_counts;
-  std::lock_guard<std::mutex> lock(mutex);
-  if (sm_counts.empty()) {
-    sm_counts.assign(c10::cuda::device_count(), 0);
-  }
-  int& count = sm_counts.at(device);
-  if (count == 0) {
-    C10_CUDA_CHECK(cudaDeviceGetAttribute(&count, cudaDevAttrMultiProcessorCount, device));
-  }
-  return count * (2048 / kThreads);
+  return mutex;
 }
 
-// How a tensor is cut into groups and work items (group_len as in fastreg.h's WorkList; an
-// empty tensor still gets one item, so that it has a place in every per-item buffer).
-struct Layout {
-  int64_t group_len;
-  int64_t num_groups;
-  int64_t items;
-  int64_t group_offset;
-};
-
-struct Plan {
-  std::vector<Layout> tensors;
-  int64_t items = 0;
-  int64_t groups = 0;
-};
-
-Plan make_plan(const std::vector<at::Tensor>& tensors, bool row_groups) {
-  Plan plan;
-  plan.tensors.reserve(tensors.size());
-  for (const auto& w : tensors) {
-    Layout l{};
-    if (row_groups && w.dim() >= 2) {
-      l.num_groups = w.size(0);
-      l.group_len = l.num_groups == 0 ? 0 : w.numel() / l.num_groups;
-    } else {
-      l.num_groups = 1;
-      l.group_len = w.numel();
-    }
-    if (l.group_len == 0 || l.num_groups == 0) {
-      l.items = 1;
-    } else if (l.group_len >= kChunk) {
-      l.items = l.num_groups * ((l.group_len + kChunk - 1) / kChunk);
-    } else {
-      const int64_t per_item = kChunk / l.group_len;
-      l.items = (l.num_groups + per_item - 1) / per_item;
-    }
-    l.group_offset = plan.groups;
-    plan.groups += l.num_groups;
-    plan.items += l.items;
-    plan.tensors.push_back(l);
-  }
-  return plan;
+// Kernels launched so far: name and block size by address, and per (kernel, device) the blocks
+// a launch may use (occupancy API times SMs).
+std::map<const void*, KernelRecord>& kernel_records() {
+  static std::map<const void*, KernelRecord> records;
+  return records;
 }
+
+std::map<std::pair<const void*, int>, int>& resident_blocks_cache() {
+  static std::map<std::pair<const void*, int>, int> cache;
+  return cache;
+}
+
+// Blocks of `kernel` that are resident at once on `device`: per SM from the kernel's real
+// register and shared-memory use (the occupancy API), times the SMs. A launch with more blocks
+// would only queue them, with fewer it would leave SMs idle.
+int resident_blocks(const void* kernel, int threads, int device, const char* name) {
+  std::lock_guard<std::mutex> lock(kernels_mutex());
+  auto& cache = resident_blocks_cache();
+  const auto key = std::make_pair(kernel, device);
+  auto it = cache.find(key);
+  if (it != cache.end()) {
+    return it->second;
+  }
+  int per_sm = 0;
+  C10_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, threads, 0));
+  int sms = 0;
+  C10_CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device));
+  TORCH_CHECK(per_sm > 0, "fastreg: kernel ", name, " cannot run ", threads, " threads per block on device ", device);
+  kernel_records().emplace(kernel, KernelRecord{name, threads});
+  return cache[key] = per_sm * sms;
+}
+
+std::string dtype_name(at::ScalarType t) { return c10::toString(t); }
+
+// ---------------------------------------------------------------------------------------------
+// Host side of a launch
+
+TableArgs args_of(const DeviceTable& table) {
+  TableArgs a;
+  a.words = table.words().data_ptr<int64_t>();
+  a.tensors = table.num_tensors();
+  a.chunk = table.chunk();
+  a.ptrs_at = table.header(plan::kPtrsAt);
+  a.groups_at = table.header(plan::kGroupsAt);
+  a.items_at = table.header(plan::kItemsAt);
+  a.items = table.num_items();
+  a.split_at = table.split_at();
+  a.split_groups = table.num_split_groups();
+  return a;
+}
+
+// One op call's launches: on the table's device and its current stream.
+struct Launch {
+  TableArgs args;
+  int device;
+  cudaStream_t stream;
+
+  explicit Launch(const TablePtr& table)
+      : args(args_of(*table)),
+        device(table->device().index()),
+        stream(c10::cuda::getCurrentCUDAStream(table->device().index()).stream()) {
+    table->prepare_use();
+  }
+};
+
+template <Kind K, bool kAccumulate, bool kWithSums, bool kGroups, typename scalar_t>
+void launch_items(const Launch& l, const Params& p, const Workspace<acc_of<scalar_t>>& ws) {
+  const auto kernel = items_kernel<K, kAccumulate, kWithSums, kGroups, scalar_t>;
+  static const std::string name = std::string("items<") + kind_name(K) + (kAccumulate ? ",accumulate" : "") +
+                                  (kWithSums ? ",sums" : "") + (kGroups ? ",groups" : "") + "," +
+                                  dtype_name(c10::CppTypeToScalarType<scalar_t>::value) + ">";
+  const int resident = resident_blocks(reinterpret_cast<const void*>(kernel), kThreads, l.device, name.c_str());
+  const auto grid = static_cast<unsigned int>(std::min<int64_t>(l.args.items, resident));
+  kernel<<<grid, kThreads, 0, l.stream>>>(l.args, p, ws);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+template <typename acc_t>
+void launch_finalize(const Launch& l, const Params& p, const Workspace<acc_t>& ws, acc_t* value) {
+  const auto kernel = finalize_kernel<acc_t>;
+  static const std::string name = std::string("finalize<") + dtype_name(c10::CppTypeToScalarType<acc_t>::value) + ">";
+  const int resident = resident_blocks(reinterpret_cast<const void*>(kernel), kFinalizeThreads, l.device, name.c_str());
+  const int64_t split_blocks = (l.args.split_groups + kFinalizeWarps - 1) / kFinalizeWarps;
+  const int64_t slots = value != nullptr ? (l.args.items + kSlotItems - 1) / kSlotItems : 0;
+  const int64_t blocks = std::clamp<int64_t>(std::max(split_blocks, slots), 1, resident);
+  kernel<<<static_cast<unsigned int>(blocks), kFinalizeThreads, 0, l.stream>>>(l.args, p, ws, value);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+// Which scratch arrays a call needs.
+struct Needs {
+  bool items = false;        // item_abs, item_sq
+  bool norms = false;        // item_norm, split_norm
+  bool group_scale = false;  // group_scale
+  bool totals = false;       // slots, ticket
+};
 
 // One device buffer for all scratch arrays of a call, from the caching allocator.
 template <typename acc_t>
@@ -680,91 +815,44 @@ struct Scratch {
   at::Tensor storage;
   Workspace<acc_t> ws{};
 
-  Scratch(const Plan& plan, const at::Device& device, bool items, bool groups, bool tensors) {
-    const int64_t n_items = items ? plan.items : 0;
-    const int64_t n_groups = groups ? plan.groups : 0;
-    const int64_t n_tensors = tensors ? static_cast<int64_t>(plan.tensors.size()) : 0;
+  Scratch(const DeviceTable& table, const Needs& needs) {
+    const int64_t items = needs.items ? table.num_items() : 0;
+    const int64_t norms = needs.norms ? table.num_items() : 0;
+    const int64_t split = needs.norms ? table.num_split_groups() : 0;
+    const int64_t groups = needs.group_scale ? table.num_groups() : 0;
+    const int64_t slots = needs.totals ? 3 * ((table.num_items() + kSlotItems - 1) / kSlotItems) : 0;
+    const int64_t tickets = needs.totals ? 1 : 0;
     int64_t bytes = 0;
     auto reserve = [&](int64_t count, int64_t size) {
       const int64_t at = bytes;
       bytes += (count * size + 15) / 16 * 16;
       return at;
     };
-    const int64_t abs_at = reserve(n_items, sizeof(acc_t));
-    const int64_t sq_at = reserve(n_items, sizeof(acc_t));
-    const int64_t gsq_at = reserve(n_groups, sizeof(acc_t));
-    const int64_t gfirst_at = reserve(n_groups, sizeof(int64_t));
-    const int64_t gcount_at = reserve(n_groups, sizeof(int64_t));
-    const int64_t gscale_at = reserve(n_groups, sizeof(acc_t));
-    const int64_t tfirst_at = reserve(n_tensors, sizeof(int64_t));
-    const int64_t tcount_at = reserve(n_tensors, sizeof(int64_t));
-    storage = at::empty({std::max<int64_t>(bytes, 16)}, at::TensorOptions().dtype(at::kByte).device(device));
+    const int64_t abs_at = reserve(items, sizeof(acc_t));
+    const int64_t sq_at = reserve(items, sizeof(acc_t));
+    const int64_t norm_at = reserve(norms, sizeof(acc_t));
+    const int64_t scale_at = reserve(groups, sizeof(acc_t));
+    const int64_t split_at = reserve(split, sizeof(acc_t));
+    const int64_t slots_at = reserve(slots, sizeof(acc_t));
+    const int64_t ticket_at = reserve(tickets, sizeof(unsigned int));
+    if (bytes == 0) {
+      return;
+    }
+    storage = at::empty({bytes}, at::TensorOptions().dtype(at::kByte).device(table.device()));
     auto* base = static_cast<unsigned char*>(storage.data_ptr());
     auto take = [&](int64_t count, int64_t at) { return count > 0 ? base + at : nullptr; };
-    ws.item_abs = reinterpret_cast<acc_t*>(take(n_items, abs_at));
-    ws.item_sq = reinterpret_cast<acc_t*>(take(n_items, sq_at));
-    ws.group_sq = reinterpret_cast<acc_t*>(take(n_groups, gsq_at));
-    ws.group_first = reinterpret_cast<int64_t*>(take(n_groups, gfirst_at));
-    ws.group_count = reinterpret_cast<int64_t*>(take(n_groups, gcount_at));
-    ws.group_scale = reinterpret_cast<acc_t*>(take(n_groups, gscale_at));
-    ws.tensor_first = reinterpret_cast<int64_t*>(take(n_tensors, tfirst_at));
-    ws.tensor_count = reinterpret_cast<int64_t*>(take(n_tensors, tcount_at));
+    ws.item_abs = reinterpret_cast<acc_t*>(take(items, abs_at));
+    ws.item_sq = reinterpret_cast<acc_t*>(take(items, sq_at));
+    ws.item_norm = reinterpret_cast<acc_t*>(take(norms, norm_at));
+    ws.group_scale = reinterpret_cast<acc_t*>(take(groups, scale_at));
+    ws.split_norm = reinterpret_cast<acc_t*>(take(split, split_at));
+    ws.slots = reinterpret_cast<acc_t*>(take(slots, slots_at));
+    ws.ticket = reinterpret_cast<unsigned int*>(take(tickets, ticket_at));
   }
 };
 
-// Launches items_kernel over all tensors, as many launches as the table needs.
-template <Kind K, bool kAccumulate, bool kWithSums, bool kGroups, typename scalar_t>
-void launch_items(const std::vector<at::Tensor>& w, const std::vector<at::Tensor>* out, const Plan& plan,
-                  const Params& params, const Workspace<at::opmath_type<scalar_t>>& ws) {
-  const int device = w[0].get_device();
-  const int max_blocks = blocks_per_launch(device);
-  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream(device).stream();
-  Table table;
-  table.count = 0;
-  table.item_base = 0;
-  int64_t local = 0;
-  auto flush = [&] {
-    if (table.count == 0) {
-      return;
-    }
-    table.item_begin[table.count] = local;
-    const auto grid = static_cast<unsigned int>(std::min<int64_t>(local, max_blocks));
-    items_kernel<K, kAccumulate, kWithSums, kGroups, scalar_t><<<grid, kThreads, 0, stream>>>(table, params, ws);
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
-    table.item_base += local;
-    local = 0;
-    table.count = 0;
-  };
-  for (size_t t = 0; t < w.size(); ++t) {
-    if (table.count == kMaxTensors) {
-      flush();
-    }
-    const int slot = table.count++;
-    const Layout& l = plan.tensors[t];
-    table.item_begin[slot] = local;
-    table.w[slot] = w[t].numel() == 0 ? nullptr : w[t].data_ptr();
-    table.out[slot] = out == nullptr || (*out)[t].numel() == 0 ? nullptr : (*out)[t].data_ptr();
-    table.group_len[slot] = l.group_len;
-    table.num_groups[slot] = l.num_groups;
-    table.group_offset[slot] = l.group_offset;
-    table.index[slot] = static_cast<int32_t>(t);
-    local += l.items;
-  }
-  flush();
-}
-
-template <typename acc_t, Scales S>
-void launch_totals(const Plan& plan, const Workspace<acc_t>& ws, bool groups, const Params& params, acc_t* value,
-                   int device) {
-  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream(device).stream();
-  totals_finalize<acc_t, S><<<1, kFinalizeThreads, 0, stream>>>(ws, plan.items, groups ? plan.groups : 0, params, value);
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
-}
-
-at::TensorOptions accumulate_options(at::TensorList params) {
-  const auto dtype = params.empty() || params[0].scalar_type() != at::kDouble ? at::kFloat : at::kDouble;
-  auto options = at::TensorOptions().dtype(dtype);
-  return params.empty() ? options.device(at::kCPU) : options.device(params[0].device());
+at::TensorOptions accumulate_options(at::ScalarType dtype, const at::Device& device) {
+  return at::TensorOptions().dtype(dtype == at::kDouble ? at::kDouble : at::kFloat).device(device);
 }
 
 Params make_params(const Coefs& c) {
@@ -775,14 +863,15 @@ Params make_params(const Coefs& c) {
   return p;
 }
 
-// A one-element tensor argument: on the parameters' device it is read by the kernels; on the
-// CPU, now, which needs no synchronization.
+// A one-element tensor argument (lr, grad_output): on the parameters' device it is read by the
+// kernels; on the CPU it is read here, from host memory, which waits for nothing.
 void scalar_argument(const at::Tensor& t, const at::Device& device, const char* op, const char* name, double& value,
                      const void*& ptr, int& code) {
   TORCH_CHECK(t.numel() == 1 && t.is_floating_point(), "fastreg::", op, ": ", name,
               " must be one floating-point element, got ", t.scalar_type(), " of shape ", t.sizes());
   if (t.device().is_cpu()) {
-    value = t.item<double>();
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, t.scalar_type(), "fastreg_host_scalar",
+                                    [&] { value = static_cast<double>(*t.const_data_ptr<scalar_t>()); });
     return;
   }
   TORCH_CHECK(t.device() == device, "fastreg::", op, ": ", name, " is on ", t.device(), " but params are on ", device);
@@ -790,85 +879,262 @@ void scalar_argument(const at::Tensor& t, const at::Device& device, const char* 
   code = dtype_code(t.scalar_type());
 }
 
-bool uses_groups(const Coefs& c) { return c.group_lasso != 0.0; }
+// ---------------------------------------------------------------------------------------------
+// The ops over a device table (both paths)
+
+std::tuple<at::Tensor, at::Tensor> run_norms(const TablePtr& table, at::ScalarType dtype) {
+  const at::Device device = table->device();
+  const auto options = accumulate_options(dtype, device);
+  at::Tensor abs_sums = at::empty({table->num_tensors()}, options);
+  at::Tensor sq_sums = at::empty({table->num_tensors()}, options);
+  if (table->num_items() == 0) {
+    return {abs_sums, sq_sums};
+  }
+  const c10::cuda::CUDAGuard guard(device);
+  const Launch l(table);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, dtype, "fastreg_norms_cuda", [&] {
+    using acc_t = acc_of<scalar_t>;
+    Needs needs;
+    needs.items = true;
+    Scratch<acc_t> scratch(*table, needs);
+    scratch.ws.tensor_abs = abs_sums.data_ptr<acc_t>();
+    scratch.ws.tensor_sq = sq_sums.data_ptr<acc_t>();
+    const Params p{};
+    launch_items<Kind::kSums, false, false, false, scalar_t>(l, p, scratch.ws);
+    if (table->num_split_groups() > 0) {
+      launch_finalize<acc_t>(l, p, scratch.ws, nullptr);
+    }
+  });
+  return {abs_sums, sq_sums};
+}
+
+at::Tensor run_value(const TablePtr& table, at::ScalarType dtype, const Coefs& coefs) {
+  const at::Device device = table->device();
+  const auto options = accumulate_options(dtype, device);
+  if (coefs.is_zero() || table->num_items() == 0) {
+    return at::zeros({}, options);
+  }
+  at::Tensor out = at::empty({}, options);
+  const c10::cuda::CUDAGuard guard(device);
+  const Launch l(table);
+  const bool groups = coefs.group_lasso != 0.0;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, dtype, "fastreg_value_cuda", [&] {
+    using acc_t = acc_of<scalar_t>;
+    Needs needs;
+    needs.items = needs.totals = true;
+    needs.norms = groups;
+    const Scratch<acc_t> scratch(*table, needs);
+    const Params p = make_params(coefs);
+    if (groups) {
+      launch_items<Kind::kSums, false, false, true, scalar_t>(l, p, scratch.ws);
+    } else {
+      launch_items<Kind::kSums, false, false, false, scalar_t>(l, p, scratch.ws);
+    }
+    launch_finalize<acc_t>(l, p, scratch.ws, out.data_ptr<acc_t>());
+  });
+  return out;
+}
+
+// dP/dw of pointer row 0 into pointer row 1 (kAccumulate: added to it; else times
+// grad_output); P into `value` if given. Without group lasso one pass reads w (and g) once and
+// also makes the sums for P, in the layout and order value() uses, so the two give the same bits.
+template <bool kAccumulate>
+void run_gradient(const TablePtr& table, at::ScalarType dtype, const Coefs& coefs, const Params& p, at::Tensor* value) {
+  TORCH_INTERNAL_ASSERT(kAccumulate || value == nullptr, "fastreg: P comes with the coupled gradient only");
+  if (table->num_items() == 0) {
+    return;
+  }
+  const c10::cuda::CUDAGuard guard(table->device());
+  const Launch l(table);
+  const bool groups = coefs.group_lasso != 0.0;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, dtype, "fastreg_gradient_cuda", [&] {
+    using acc_t = acc_of<scalar_t>;
+    acc_t* value_ptr = value != nullptr ? value->data_ptr<acc_t>() : nullptr;
+    Needs needs;
+    needs.totals = value != nullptr;
+    if (!groups) {
+      needs.items = value != nullptr;
+      const Scratch<acc_t> scratch(*table, needs);
+      // Only the coupled op wants P, so the backward's kernels never carry the sums.
+      if constexpr (kAccumulate) {
+        if (value != nullptr) {
+          launch_items<Kind::kGrad, kAccumulate, true, false, scalar_t>(l, p, scratch.ws);
+          launch_finalize<acc_t>(l, p, scratch.ws, value_ptr);
+          return;
+        }
+      }
+      launch_items<Kind::kGrad, kAccumulate, false, false, scalar_t>(l, p, scratch.ws);
+      return;
+    }
+    needs.items = needs.group_scale = true;
+    needs.norms = value != nullptr;
+    const Scratch<acc_t> scratch(*table, needs);
+    launch_items<Kind::kSums, false, false, true, scalar_t>(l, p, scratch.ws);
+    if (value != nullptr || table->num_split_groups() > 0) {
+      launch_finalize<acc_t>(l, p, scratch.ws, value_ptr);
+    }
+    launch_items<Kind::kGrad, kAccumulate, false, true, scalar_t>(l, p, scratch.ws);
+  });
+}
+
+void run_decay(const TablePtr& table, at::ScalarType dtype, const Coefs& coefs, Params p) {
+  if (coefs.is_zero() || table->num_items() == 0) {
+    return;
+  }
+  p.decay = true;
+  const c10::cuda::CUDAGuard guard(table->device());
+  const Launch l(table);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, dtype, "fastreg_decay_cuda", [&] {
+    using acc_t = acc_of<scalar_t>;
+    if (coefs.group_lasso == 0.0) {
+      launch_items<Kind::kDecay, false, false, false, scalar_t>(l, p, Workspace<acc_t>{});
+      return;
+    }
+    // Block shrink uses the norm of the already thresholded group, so the sums pass applies
+    // steps 1-2 in registers and the update pass applies them again before scaling.
+    Needs needs;
+    needs.items = needs.group_scale = true;
+    const Scratch<acc_t> scratch(*table, needs);
+    launch_items<Kind::kSums, false, false, true, scalar_t>(l, p, scratch.ws);
+    if (table->num_split_groups() > 0) {
+      launch_finalize<acc_t>(l, p, scratch.ws, nullptr);
+    }
+    launch_items<Kind::kDecay, false, false, true, scalar_t>(l, p, scratch.ws);
+  });
+}
+
+void check_table(const TablePtr& table, int64_t lists, const char* op) {
+  TORCH_CHECK(table != nullptr, "fastreg::", op, ": no table");
+  TORCH_CHECK(table->num_lists() >= lists, "fastreg::", op, ": the table has ", table->num_lists(),
+              " pointer rows, the op needs ", lists);
+}
+
+Coefs coefs_of(const TablePtr& table, double l1, double l2, double group_lasso) {
+  return make_coefs(l1, l2, group_lasso, table->row_groups() ? std::optional<int64_t>(0) : std::nullopt);
+}
+
+// ---------------------------------------------------------------------------------------------
+// Device tables
+
+// Tables read by a captured CUDA graph: kept for the life of the process, since the graph
+// holds their address and may be replayed after the plan or cache that made them is gone.
+std::mutex captured_mutex;
+std::vector<std::shared_ptr<const DeviceTable>> captured_tables;
+
+bool capturing(cudaStream_t stream) {
+  cudaStreamCaptureStatus status = cudaStreamCaptureStatusNone;
+  C10_CUDA_CHECK(cudaStreamIsCapturing(stream, &status));
+  return status != cudaStreamCaptureStatusNone;
+}
+
+// The list ops' tables, by a key of what a table's words are a function of: the device, the
+// row grouping and pointer rows, and every tensor's address and extent. Least recently used
+// dropped first; a table in use by a running kernel stays alive through prepare_use().
+class ListTableCache {
+ public:
+  static constexpr size_t kCapacity = 64;
+
+  TablePtr get(const std::vector<at::Tensor>& params, const std::vector<at::Tensor>* second, bool row_groups,
+               const at::Device& device) {
+    std::vector<int64_t> key;
+    key.reserve(4 + params.size() * 4);
+    key.insert(key.end(), {device.index(), row_groups ? 1 : 0, second != nullptr ? 2 : 1,
+                           static_cast<int64_t>(params.size())});
+    std::vector<plan::Extent> extents;
+    extents.reserve(params.size());
+    for (size_t i = 0; i < params.size(); ++i) {
+      const plan::Extent e = plan::extent_of(params[i]);
+      extents.push_back(e);
+      key.insert(key.end(), {address(params[i]), e.numel, e.rows});
+      if (second != nullptr) {
+        key.push_back(address((*second)[i]));
+      }
+    }
+    const cudaStream_t stream = c10::cuda::getCurrentCUDAStream(device.index()).stream();
+    {
+      std::lock_guard<std::mutex> lock(mutex_);
+      for (auto it = entries_.begin(); it != entries_.end(); ++it) {
+        if (it->first == key) {
+          entries_.splice(entries_.begin(), entries_, it);
+          ++hits_;
+          return entries_.front().second;
+        }
+      }
+      ++misses_;
+    }
+    at::Tensor host = plan::build(extents, row_groups, second != nullptr ? 2 : 1, kChunk, kMaxGroups);
+    plan::set_ptrs(host, 0, params);
+    if (second != nullptr) {
+      plan::set_ptrs(host, 1, *second);
+    }
+    const bool in_capture = capturing(stream);
+    auto table = std::make_shared<DeviceTable>(host, device, in_capture);
+    if (!in_capture) {  // its words exist only in the graph's replays
+      std::lock_guard<std::mutex> lock(mutex_);
+      entries_.emplace_front(std::move(key), table);
+      while (entries_.size() > kCapacity) {
+        entries_.pop_back();
+      }
+    }
+    return table;
+  }
+
+  CacheStats stats() {
+    std::lock_guard<std::mutex> lock(mutex_);
+    return {static_cast<int64_t>(entries_.size()), hits_, misses_};
+  }
+
+  void clear() {
+    std::lock_guard<std::mutex> lock(mutex_);
+    entries_.clear();
+  }
+
+ private:
+  static int64_t address(const at::Tensor& t) {
+    return t.numel() == 0 ? 0 : reinterpret_cast<int64_t>(t.data_ptr());
+  }
+
+  std::mutex mutex_;
+  std::list<std::pair<std::vector<int64_t>, TablePtr>> entries_;
+  int64_t hits_ = 0;
+  int64_t misses_ = 0;
+};
+
+ListTableCache& list_tables() {
+  static ListTableCache cache;
+  return cache;
+}
+
+// ---------------------------------------------------------------------------------------------
+// The list ops (torch.ops.fastreg on CUDA tensors): the layout built for the call, over
+// contiguous stand-ins of the tensors, its device table cached.
+
+// group_dim only matters to the group-lasso term; without it every tensor is one group, so value
+// and add_grad_ share one layout and return bit-identical values.
+bool row_groups_of(const Coefs& coefs) { return coefs.row_groups && coefs.group_lasso != 0.0; }
 
 std::tuple<at::Tensor, at::Tensor> norms_cuda(at::TensorList params) {
   check_params(params, c10::DeviceType::CUDA, "norms");
-  const auto options = accumulate_options(params);
-  const auto count = static_cast<int64_t>(params.size());
-  at::Tensor abs_sums = at::empty({count}, options);
-  at::Tensor sq_sums = at::empty({count}, options);
   if (params.empty()) {
-    return {abs_sums, sq_sums};
+    const auto options = at::TensorOptions().dtype(at::kFloat);
+    return {at::empty({0}, options), at::empty({0}, options)};
   }
   const c10::cuda::CUDAGuard guard(params[0].device());
   const Contiguous c(params);
-  const Plan plan = make_plan(c.tensors, false);
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, params[0].scalar_type(), "fastreg_norms_cuda", [&] {
-    using acc_t = at::opmath_type<scalar_t>;
-    const Scratch<acc_t> scratch(plan, params[0].device(), true, false, true);
-    const Params p{};
-    launch_items<Kind::kSums, false, false, false, scalar_t>(c.tensors, nullptr, plan, p, scratch.ws);
-    const int device = params[0].get_device();
-    const int64_t blocks = std::min<int64_t>((count + kWarps - 1) / kWarps, blocks_per_launch(device));
-    norms_finalize<acc_t><<<static_cast<unsigned int>(blocks), kThreads, 0, c10::cuda::getCurrentCUDAStream(device).stream()>>>(
-        scratch.ws, count, abs_sums.data_ptr<acc_t>(), sq_sums.data_ptr<acc_t>());
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
-  });
-  return {abs_sums, sq_sums};
+  return run_norms(list_tables().get(c.tensors, nullptr, false, params[0].device()), params[0].scalar_type());
 }
 
 at::Tensor value_cuda(at::TensorList params, double l1, double l2, double group_lasso, std::optional<int64_t> group_dim) {
   check_params(params, c10::DeviceType::CUDA, "value");
   const Coefs coefs = make_coefs(l1, l2, group_lasso, group_dim);
   if (params.empty() || coefs.is_zero()) {
-    return at::zeros({}, accumulate_options(params));
+    return at::zeros({}, params.empty() ? at::TensorOptions().dtype(at::kFloat)
+                                        : accumulate_options(params[0].scalar_type(), params[0].device()));
   }
   const c10::cuda::CUDAGuard guard(params[0].device());
-  at::Tensor out = at::empty({}, accumulate_options(params));
   const Contiguous c(params);
-  const bool groups = uses_groups(coefs);
-  const Plan plan = make_plan(c.tensors, coefs.row_groups && groups);
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, params[0].scalar_type(), "fastreg_value_cuda", [&] {
-    using acc_t = at::opmath_type<scalar_t>;
-    const Scratch<acc_t> scratch(plan, params[0].device(), true, groups, false);
-    const Params p = make_params(coefs);
-    if (groups) {
-      launch_items<Kind::kSums, false, false, true, scalar_t>(c.tensors, nullptr, plan, p, scratch.ws);
-    } else {
-      launch_items<Kind::kSums, false, false, false, scalar_t>(c.tensors, nullptr, plan, p, scratch.ws);
-    }
-    launch_totals<acc_t, Scales::kNone>(plan, scratch.ws, groups, p, out.data_ptr<acc_t>(), params[0].get_device());
-  });
-  return out;
-}
-
-// dP/dw into `out` (kAccumulate: added to it; else times grad_output); P into `value` if given.
-// Without group lasso one pass reads w (and g) once and also makes the sums for P, in the very
-// layout and order value() uses, so the two return the same bits.
-template <bool kAccumulate>
-void gradient(const Contiguous& w, const std::vector<at::Tensor>& out, const Coefs& coefs, Params p, at::Tensor* value) {
-  const bool groups = uses_groups(coefs);
-  const Plan plan = make_plan(w.tensors, coefs.row_groups && groups);
-  const at::Device device = w.tensors[0].device();
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, w.tensors[0].scalar_type(), "fastreg_gradient_cuda", [&] {
-    using acc_t = at::opmath_type<scalar_t>;
-    acc_t* value_ptr = value != nullptr ? value->data_ptr<acc_t>() : nullptr;
-    if (!groups) {
-      const Scratch<acc_t> scratch(plan, device, value != nullptr, false, false);
-      if (value != nullptr) {
-        launch_items<Kind::kGrad, kAccumulate, true, false, scalar_t>(w.tensors, &out, plan, p, scratch.ws);
-        launch_totals<acc_t, Scales::kNone>(plan, scratch.ws, false, p, value_ptr, device.index());
-      } else {
-        launch_items<Kind::kGrad, kAccumulate, false, false, scalar_t>(w.tensors, &out, plan, p, scratch.ws);
-      }
-      return;
-    }
-    const Scratch<acc_t> scratch(plan, device, true, true, false);
-    launch_items<Kind::kSums, false, false, true, scalar_t>(w.tensors, nullptr, plan, p, scratch.ws);
-    launch_totals<acc_t, Scales::kGrad>(plan, scratch.ws, true, p, value_ptr, device.index());
-    launch_items<Kind::kGrad, kAccumulate, false, true, scalar_t>(w.tensors, &out, plan, p, scratch.ws);
-  });
+  const auto table = list_tables().get(c.tensors, nullptr, row_groups_of(coefs), params[0].device());
+  return run_value(table, params[0].scalar_type(), coefs);
 }
 
 at::Tensor add_grad_cuda(at::TensorList params, at::TensorList grads, double l1, double l2, double group_lasso,
@@ -877,13 +1143,15 @@ at::Tensor add_grad_cuda(at::TensorList params, at::TensorList grads, double l1,
   check_grads(params, grads, "add_grad_");
   const Coefs coefs = make_coefs(l1, l2, group_lasso, group_dim);
   if (params.empty() || coefs.is_zero()) {
-    return at::zeros({}, accumulate_options(params));
+    return at::zeros({}, params.empty() ? at::TensorOptions().dtype(at::kFloat)
+                                        : accumulate_options(params[0].scalar_type(), params[0].device()));
   }
   const c10::cuda::CUDAGuard guard(params[0].device());
-  at::Tensor value = at::empty({}, accumulate_options(params));
+  at::Tensor value = at::empty({}, accumulate_options(params[0].scalar_type(), params[0].device()));
   const Contiguous w(params);
   const Contiguous g(grads);
-  gradient<true>(w, g.tensors, coefs, make_params(coefs), &value);
+  const auto table = list_tables().get(w.tensors, &g.tensors, row_groups_of(coefs), params[0].device());
+  run_gradient<true>(table, params[0].scalar_type(), coefs, make_params(coefs), &value);
   g.write_back(grads);
   return value;
 }
@@ -892,14 +1160,14 @@ std::vector<at::Tensor> penalty_backward_cuda(at::TensorList params, const at::T
                                               double l2, double group_lasso, std::optional<int64_t> group_dim) {
   check_params(params, c10::DeviceType::CUDA, "penalty_backward");
   const Coefs coefs = make_coefs(l1, l2, group_lasso, group_dim);
+  TORCH_CHECK(grad_output.numel() == 1, "fastreg::penalty_backward: grad_output must have one element, got shape ",
+              grad_output.sizes());
   std::vector<at::Tensor> out;
   out.reserve(params.size());
   for (const auto& p : params) {
     out.push_back(at::empty(p.sizes(), p.options().memory_format(at::MemoryFormat::Contiguous)));
   }
   if (params.empty()) {
-    TORCH_CHECK(grad_output.numel() == 1,
-                "fastreg::penalty_backward: grad_output must have one element, got shape ", grad_output.sizes());
     return out;
   }
   const c10::cuda::CUDAGuard guard(params[0].device());
@@ -907,49 +1175,197 @@ std::vector<at::Tensor> penalty_backward_cuda(at::TensorList params, const at::T
   scalar_argument(grad_output, params[0].device(), "penalty_backward", "grad_output", p.grad_output, p.go_ptr,
                   p.go_dtype);
   const Contiguous w(params);
-  gradient<false>(w, out, coefs, p, nullptr);
+  const auto table = list_tables().get(w.tensors, &out, row_groups_of(coefs), params[0].device());
+  run_gradient<false>(table, params[0].scalar_type(), coefs, p, nullptr);
   return out;
+}
+
+// The lr of decay_: a float, or a one-element tensor (CUDA: read by the kernels).
+Params decay_params(const Coefs& coefs, double lr, const std::optional<at::Tensor>& lr_tensor, const at::Device& device) {
+  Params p = make_params(coefs);
+  p.lr = lr;
+  if (lr_tensor.has_value()) {
+    p.lr_tensor = true;
+    scalar_argument(*lr_tensor, device, "decay_", "lr_tensor", p.lr, p.lr_ptr, p.lr_dtype);
+  }
+  return p;
 }
 
 void decay_cuda(at::TensorList params, double lr, const std::optional<at::Tensor>& lr_tensor, double l1, double l2,
                 double group_lasso, std::optional<int64_t> group_dim) {
   check_params(params, c10::DeviceType::CUDA, "decay_");
   const Coefs coefs = make_coefs(l1, l2, group_lasso, group_dim);
-  Params p = make_params(coefs);
-  p.lr = lr;
   if (params.empty()) {
     return;
   }
-  if (lr_tensor.has_value()) {
-    scalar_argument(*lr_tensor, params[0].device(), "decay_", "lr_tensor", p.lr, p.lr_ptr, p.lr_dtype);
-  }
+  const Params p = decay_params(coefs, lr, lr_tensor, params[0].device());
   if (coefs.is_zero()) {
     return;
   }
   const c10::cuda::CUDAGuard guard(params[0].device());
   const Contiguous c(params);
-  const bool groups = uses_groups(coefs);
-  const Plan plan = make_plan(c.tensors, coefs.row_groups && groups);
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, params[0].scalar_type(), "fastreg_decay_cuda", [&] {
-    using acc_t = at::opmath_type<scalar_t>;
-    if (!groups) {
-      const Scratch<acc_t> scratch(plan, params[0].device(), false, false, false);
-      launch_items<Kind::kDecay, false, false, false, scalar_t>(c.tensors, nullptr, plan, p, scratch.ws);
-      return;
-    }
-    // Block shrink uses the norm of the already thresholded group, so the sums pass applies
-    // steps 1-2 in registers and the update pass applies them again before scaling.
-    const Scratch<acc_t> scratch(plan, params[0].device(), true, true, false);
-    Params sums = p;
-    sums.prefix = true;
-    launch_items<Kind::kSums, false, false, true, scalar_t>(c.tensors, nullptr, plan, sums, scratch.ws);
-    launch_totals<acc_t, Scales::kDecay>(plan, scratch.ws, true, p, nullptr, params[0].get_device());
-    launch_items<Kind::kDecay, false, false, true, scalar_t>(c.tensors, nullptr, plan, p, scratch.ws);
-  });
+  const auto table = list_tables().get(c.tensors, nullptr, row_groups_of(coefs), params[0].device());
+  run_decay(table, params[0].scalar_type(), coefs, p);
   c.write_back(params);
 }
 
 }  // namespace
+
+// ---------------------------------------------------------------------------------------------
+// DeviceTable
+
+struct DeviceTable::Sync {
+  std::mutex mutex;
+  cudaStream_t stream = nullptr;  // where the words were copied
+  cudaEvent_t ready = nullptr;    // recorded after the copy (none for a table built in a capture)
+  std::vector<cudaStream_t> streams;  // other streams that have waited for it and recorded it
+  bool kept = false;                  // in captured_tables
+};
+
+namespace {
+
+void check_host_table(const at::Tensor& host) {
+  TORCH_CHECK(host.is_cpu() && host.scalar_type() == at::kLong && host.dim() == 1 && host.is_contiguous() &&
+                  host.numel() >= plan::kHeaderWords && host.data_ptr<int64_t>()[plan::kWords] == host.numel(),
+              "fastreg: host is not a work-layout table (an int64 CPU tensor from the planner's layout()), got ",
+              host.scalar_type(), " of shape ", host.sizes(), " on ", host.device());
+  TORCH_CHECK(host.data_ptr<int64_t>()[plan::kChunk] <= kMaxChunk, "fastreg: the CUDA kernels take work items of at most ",
+              kMaxChunk, " elements, the table has ", host.data_ptr<int64_t>()[plan::kChunk]);
+}
+
+}  // namespace
+
+DeviceTable::DeviceTable(const at::Tensor& host, const at::Device& device, bool for_capture)
+    : host_(host), device_(device), sync_(std::make_unique<Sync>()) {
+  check_host_table(host);
+  TORCH_CHECK(device.is_cuda() && device.has_index(), "fastreg: a device table needs a CUDA device with an index, got ",
+              device);
+  std::copy_n(host.data_ptr<int64_t>(), plan::kHeaderWords, header_);
+  const plan::View view(host);
+  std::vector<int64_t> split;
+  for (int64_t g = 0; g < view.num_groups(); ++g) {
+    if (view.split(g)) {
+      split.push_back(g);
+    }
+  }
+  split_groups_ = static_cast<int64_t>(split.size());
+  const int64_t words = host.numel();
+  const int64_t total = words + split_groups_;
+
+  const c10::cuda::CUDAGuard guard(device);
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream(device.index()).stream();
+  sync_->stream = stream;
+  words_ = at::empty({total}, at::TensorOptions().dtype(at::kLong).device(device));
+  std::vector<int64_t> all(host.data_ptr<int64_t>(), host.data_ptr<int64_t>() + words);
+  all.insert(all.end(), split.begin(), split.end());
+  if (for_capture) {
+    int64_t* dst = words_.data_ptr<int64_t>();
+    for (int64_t at = 0; at < total; at += kFillWords) {
+      FillWords piece;
+      const int count = static_cast<int>(std::min<int64_t>(kFillWords, total - at));
+      std::copy_n(all.data() + at, count, piece.w);
+      fill_kernel<<<1, 128, 0, stream>>>(dst + at, piece, count);
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+    }
+    return;
+  }
+  // Pinned staging from torch's caching host allocator, which keeps it from reuse until the copy
+  // is done: the copy does not wait, and the staging buffer can be dropped at once.
+  at::Tensor staging = at::empty({total}, at::TensorOptions().dtype(at::kLong).pinned_memory(true));
+  std::copy(all.begin(), all.end(), staging.data_ptr<int64_t>());
+  words_.copy_(staging, /*non_blocking=*/true);
+  C10_CUDA_CHECK(cudaEventCreateWithFlags(&sync_->ready, cudaEventDisableTiming));
+  C10_CUDA_CHECK(cudaEventRecord(sync_->ready, stream));
+}
+
+DeviceTable::~DeviceTable() {
+  if (sync_ != nullptr && sync_->ready != nullptr) {
+    // No check: destructors must not throw, and a failure here leaks one event at worst.
+    cudaEventDestroy(sync_->ready);
+  }
+}
+
+void DeviceTable::prepare_use() const {
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream(device_.index()).stream();
+  const bool in_capture = capturing(stream);
+  std::lock_guard<std::mutex> lock(sync_->mutex);
+  if (in_capture && !sync_->kept) {
+    std::lock_guard<std::mutex> kept_lock(captured_mutex);
+    captured_tables.push_back(shared_from_this());
+    sync_->kept = true;
+  }
+  if (stream == sync_->stream || std::find(sync_->streams.begin(), sync_->streams.end(), stream) != sync_->streams.end()) {
+    return;
+  }
+  // A capture starts after the device synchronized (torch.cuda.graph), so the copy is done; and
+  // a capture may not wait for work recorded outside it.
+  if (!in_capture && sync_->ready != nullptr) {
+    C10_CUDA_CHECK(cudaStreamWaitEvent(stream, sync_->ready, 0));
+  }
+  words_.record_stream(c10::cuda::getCurrentCUDAStream(device_.index()));
+  sync_->streams.push_back(stream);
+}
+
+TablePtr table_to_device(const at::Tensor& host, const at::Device& device) {
+  check_host_table(host);
+  TORCH_CHECK(device.is_cuda(), "fastreg: the cuda backend's tables live on CUDA devices, got ", device);
+  const at::Device target = device.has_index() ? device : at::Device(at::kCUDA, c10::cuda::current_device());
+  const c10::cuda::CUDAGuard guard(target);
+  TORCH_CHECK(!capturing(c10::cuda::getCurrentCUDAStream(target.index()).stream()),
+              "fastreg: a new tensor list was given to a fastreg call while a CUDA graph is being captured; its "
+              "work-layout table must be built before the capture: run the call once before capturing it (as "
+              "torch.cuda.graph's warm-up on a side stream does)");
+  return std::make_shared<DeviceTable>(host, target, false);
+}
+
+std::tuple<at::Tensor, at::Tensor> table_norms(const TablePtr& table, at::ScalarType dtype) {
+  check_table(table, 1, "norms");
+  TORCH_CHECK(!table->row_groups(), "fastreg::norms: the table has row groups; per-tensor sums need a table without");
+  return run_norms(table, dtype);
+}
+
+at::Tensor table_value(const TablePtr& table, at::ScalarType dtype, double l1, double l2, double group_lasso) {
+  check_table(table, 1, "value");
+  return run_value(table, dtype, coefs_of(table, l1, l2, group_lasso));
+}
+
+at::Tensor table_add_grad(const TablePtr& table, at::ScalarType dtype, double l1, double l2, double group_lasso) {
+  check_table(table, 2, "add_grad_");
+  const Coefs coefs = coefs_of(table, l1, l2, group_lasso);
+  const auto options = accumulate_options(dtype, table->device());
+  if (coefs.is_zero() || table->num_items() == 0) {
+    return at::zeros({}, options);
+  }
+  at::Tensor value = at::empty({}, options);
+  run_gradient<true>(table, dtype, coefs, make_params(coefs), &value);
+  return value;
+}
+
+void table_decay(const TablePtr& table, at::ScalarType dtype, double lr, const std::optional<at::Tensor>& lr_tensor,
+                 double l1, double l2, double group_lasso) {
+  check_table(table, 1, "decay_");
+  const Coefs coefs = coefs_of(table, l1, l2, group_lasso);
+  run_decay(table, dtype, coefs, decay_params(coefs, lr, lr_tensor, table->device()));
+}
+
+CacheStats list_table_cache_stats() { return list_tables().stats(); }
+
+void clear_list_table_cache() { list_tables().clear(); }
+
+std::vector<KernelInfo> kernel_info(int device) {
+  const c10::cuda::CUDAGuard guard(static_cast<c10::DeviceIndex>(device));
+  std::lock_guard<std::mutex> lock(kernels_mutex());
+  std::vector<KernelInfo> out;
+  for (const auto& [kernel, record] : kernel_records()) {
+    cudaFuncAttributes attributes{};
+    C10_CUDA_CHECK(cudaFuncGetAttributes(&attributes, kernel));
+    int per_sm = 0;
+    C10_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, record.threads, 0));
+    out.push_back({record.name, attributes.numRegs, static_cast<int>(attributes.localSizeBytes), record.threads,
+                   attributes.maxThreadsPerBlock, per_sm});
+  }
+  return out;
+}
 
 TORCH_LIBRARY_IMPL(fastreg, CUDA, m) {
   m.impl("norms", &norms_cuda);
@@ -959,4 +1375,5 @@ TORCH_LIBRARY_IMPL(fastreg, CUDA, m) {
   m.impl("penalty_backward", &penalty_backward_cuda);
 }
 
+}  // namespace cuda
 }  // namespace fastreg

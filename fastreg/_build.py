@@ -28,9 +28,10 @@ fastreg uses instead, how to fix it), and the extension's backend reports itself
 (``auto`` then picks the next backend). ``python -m fastreg build --verbose`` shows the
 compiler's full output, which a failed build also leaves in ``fastreg-build-error.log``.
 
-Two extensions: ``fastreg_cpu`` (``ops.cpp``, which defines the ``torch.ops.fastreg`` schemas, and
-the CPU kernels) and ``fastreg_cuda`` (only ``fastreg_cuda.cu``, which adds CUDA kernels to those
-ops with ``TORCH_LIBRARY_IMPL`` and is loaded after ``fastreg_cpu``). Keeping them apart means the
+Two extensions: ``fastreg_cpu`` (``ops.cpp``, which defines the ``torch.ops.fastreg`` schemas, the
+CPU kernels and the planner) and ``fastreg_cuda`` (``fastreg_cuda.cu``, which adds CUDA kernels to
+those ops with ``TORCH_LIBRARY_IMPL``, and ``cuda_bindings.cpp``, the Python module of its ops over
+a plan's table; loaded after ``fastreg_cpu``). Keeping them apart means the
 CPU backend never waits for, or depends on, nvcc; the CUDA one is built only where it can run or
 was asked for: a CUDA build of torch, a CUDA toolkit (nvcc), and a visible GPU or an explicit
 ``TORCH_CUDA_ARCH_LIST``. Elsewhere it is *skipped* with a one-line reason, which is not a failure.
@@ -618,8 +619,8 @@ class _CudaExtension(_Extension):
     """The CUDA kernels: built with nvcc, loaded after the CPU extension that defines the ops."""
 
     def __init__(self, name: str, sources: List[str], headers: List[str], requires: _Extension, root: Path = CSRC,
-                 fallback: str = "fastreg uses another backend"):
-        super().__init__(name, sources, headers, root, fallback=fallback)
+                 fallback: str = "fastreg uses another backend", python_module: bool = False):
+        super().__init__(name, sources, headers, root, fallback=fallback, python_module=python_module)
         self.requires = requires
         self._skip: Optional[Tuple[Optional[str]]] = None  # computed once: it asks PATH and the driver
 
@@ -642,7 +643,7 @@ class _CudaExtension(_Extension):
                        (torch.cuda.get_device_capability(i) for i in range(torch.cuda.device_count()))})
 
     def _cuda_cflags(self) -> List[str]:
-        return cuda_flags(self.target_archs())
+        return cuda_flags()
 
     def skip_reason(self) -> Optional[str]:
         if self._skip is None:
@@ -675,19 +676,14 @@ def find_nvcc() -> Optional[str]:
     return shutil.which("nvcc")
 
 
-def cuda_flags(archs: List[int]) -> List[str]:
+def cuda_flags() -> List[str]:
     """nvcc flags of the CUDA extension (the CI compile check uses them too).
 
     ``--fmad=false``: nvcc would otherwise contract ``a * b + c`` into an FMA wherever it can,
-    and the kernels decide which products are fused, as the CPU kernels do. Kernel parameters
-    over 4 KB need compute capability 7.0+, so a build that also targets older GPUs uses 4 KB
-    tables (more launches for long tensor lists). No ``-std``: cpp_extension adds torch's own
-    when none is given.
+    and the kernels decide which products are fused, as the CPU kernels do. No ``-std``:
+    cpp_extension adds torch's own when none is given.
     """
-    flags = ["-O3", "--fmad=false"]
-    if archs and min(archs) < 70:
-        flags.append("-DFASTREG_KERNEL_PARAM_BYTES=4096")
-    return flags
+    return ["-O3", "--fmad=false"]
 
 
 def compiled_std_flags(extension: "_Extension") -> List[str]:
@@ -710,8 +706,10 @@ CPU = _Extension("fastreg_cpu", sources=["ops.cpp", "fastreg_cpu.cpp", "fastreg_
                  headers=["fastreg.h", "plan.h", "cpu_table.h"],
                  fallback="`auto` uses the torch backend for CPU tensors",
                  on_load=_register_fakes, python_module=True)
-CUDA = _CudaExtension("fastreg_cuda", sources=["fastreg_cuda.cu"], headers=["fastreg.h", "plan.h"], requires=CPU,
-                      fallback="`auto` uses the triton backend (where it imports), else torch, for CUDA tensors")
+CUDA = _CudaExtension("fastreg_cuda", sources=["fastreg_cuda.cu", "cuda_bindings.cpp"],
+                      headers=["fastreg.h", "plan.h", "fastreg_cuda.h"], requires=CPU,
+                      fallback="`auto` uses the triton backend (where it imports), else torch, for CUDA tensors",
+                      python_module=True)
 
 EXTENSIONS: Dict[str, _Extension] = {CPU.name: CPU, CUDA.name: CUDA}
 
