@@ -1,66 +1,12 @@
-"""Slow, obvious references: per-tensor Python loops in fp64, differentiated by autograd.
-
-Every fast path is tested against these (directly, or against the ``reference`` backend,
-which is tested against these). Below them, the inputs and comparisons that the kernel
-backends' tests share.
-"""
+"""What the backends' tests share: the fp64 loops of :mod:`fastreg.naive` every fast path is
+tested against, and the inputs, tolerances and comparisons of the kernel backends' tests."""
 from __future__ import annotations
 
-from typing import List, Optional, Sequence
 
 import torch
-from torch import Tensor
 
 from fastreg.backends import Coefficients
-
-
-def _groups(w: Tensor, group_dim: Optional[int]) -> List[Tensor]:
-    if group_dim is None or w.dim() < 2:
-        return [w]
-    return list(w.unbind(0))
-
-
-def naive_penalty(params: Sequence[Tensor], l1=0.0, l2=0.0, group_lasso=0.0, group_dim=None) -> Tensor:
-    """``P`` in fp64, differentiable with respect to ``params``; zero coefficients are left out."""
-    total = torch.zeros((), dtype=torch.float64)
-    for p in params:
-        w = p.double()
-        if l1:
-            total = total + l1 * w.abs().sum()
-        if l2:
-            total = total + l2 / 2 * (w * w).sum()
-        if group_lasso:
-            for g in _groups(w, group_dim):
-                total = total + group_lasso * torch.linalg.vector_norm(g)
-    return total
-
-
-def naive_value_and_grads(params: Sequence[Tensor], l1=0.0, l2=0.0, group_lasso=0.0, group_dim=None):
-    """``P`` and ``dP/dw`` per tensor, fp64, by autograd through :func:`naive_penalty`."""
-    leaves = [p.detach().double().requires_grad_() for p in params]
-    value = naive_penalty(leaves, l1, l2, group_lasso, group_dim)
-    if value.requires_grad:
-        grads = torch.autograd.grad(value, leaves, allow_unused=True)
-        grads = [torch.zeros_like(w) if g is None else g for w, g in zip(leaves, grads)]
-    else:
-        grads = [torch.zeros_like(w) for w in leaves]
-    return value.detach(), grads
-
-
-def naive_decay(params: Sequence[Tensor], lr: float, l1=0.0, l2=0.0, group_lasso=0.0, group_dim=None) -> List[Tensor]:
-    """The decoupled update (``l2`` scale, L1 soft threshold, group-lasso block shrink), written out per tensor in fp64."""
-    out = []
-    for p in params:
-        w = p.detach().double().clone()
-        w = w * (1 - lr * l2)
-        w = torch.sign(w) * torch.clamp(w.abs() - lr * l1, min=0)
-        if group_lasso:
-            for g in _groups(w, group_dim):
-                norm = torch.sqrt((g * g).sum())
-                factor = torch.clamp(1 - lr * group_lasso / norm, min=0) if norm > 0 else torch.zeros((), dtype=torch.float64)
-                g.mul_(factor)
-        out.append(w)
-    return out
+from fastreg.naive import naive_decay, naive_penalty, naive_value_and_grads  # noqa: F401 (the tests' oracle)
 
 
 # ---------------------------------------------------------------------------------------------
