@@ -1,4 +1,4 @@
-"""fastreg's command line: ``python -m fastreg {info,build,bench,report,compare,sweep}``."""
+"""fastreg's command line: ``python -m fastreg {info,build,bench,report,gpu-check,compare,sweep}``."""
 from __future__ import annotations
 
 import argparse
@@ -12,7 +12,7 @@ import torch
 from tabulate import tabulate
 from tqdm import tqdm
 
-from . import __version__, bench, report, workloads
+from . import __version__, bench, gpu_check, report, workloads
 from .backends import BACKENDS
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16, "fp64": torch.float64}
@@ -167,6 +167,19 @@ def cmd_report(args: argparse.Namespace) -> int:
         report.plot(records, args.plot)
         print(f"wrote {args.plot}")
     return 0
+
+
+def cmd_gpu_check(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    if args.worker:
+        return gpu_check.run_worker(args.worker, args.dry_run, Path(args.out), Path(args.result))
+    if not args.dry_run:
+        reason = gpu_check.no_gpu_reason()
+        if reason is not None:
+            print(f"python -m fastreg gpu-check: {reason}", file=sys.stderr)
+            return 2
+    return gpu_check.run_check(Path(args.out) if args.out else gpu_check.default_out(), dry_run=args.dry_run, budget=args.budget, skip=args.skip)
 
 
 # -- regularization studies: thin wrappers over fastreg.studies (the "study" extra) --------
@@ -426,6 +439,26 @@ def parser() -> argparse.ArgumentParser:
     r.add_argument("--markdown", metavar="PATH", help="write the markdown there instead of printing it")
     r.add_argument("--plot", metavar="PATH", help="also draw the results to a PNG")
     r.set_defaults(func=cmd_report)
+    g = sub.add_parser(
+        "gpu-check",
+        help="everything on a GPU machine in one command: build, GPU tests, compute-sanitizer, CUDA graphs, bench",
+        description="Runs, each with its own time limit inside --budget: the environment, `python -m fastreg build`, "
+        "the GPU tests of every backend (junit XML), compute-sanitizer memcheck and racecheck on a small case, CUDA-graph "
+        "capture and replay against eager calls, and the bench on GPT-2 small, Llama shapes in bf16, 10,000 small tensors "
+        "and tiny-1k (bandwidth as a percentage of a device-to-device copy). Writes gpu-check.json, gpu-check.log, "
+        "bench.json and the junit files into one folder. Run it from the repository root (PYTHONPATH=. where fastreg "
+        "is not installed); exits 0 when every step passed.",
+    )
+    g.add_argument("--out", metavar="FOLDER", help="output folder (default benchmarks/results/gpu-check-DATE-TIME)")
+    g.add_argument("--dry-run", action="store_true", help="the same plumbing on CPU at tiny sizes (for CI); GPU-only parts are skipped")
+    g.add_argument("--budget", type=float, default=gpu_check.BUDGET_SECONDS,
+                   help=f"seconds for all steps together (default {gpu_check.BUDGET_SECONDS:g})")
+    g.add_argument("--skip", nargs="+", default=[], choices=gpu_check.STEP_NAMES, metavar="STEP",
+                   help=f"steps not to run: {', '.join(gpu_check.STEP_NAMES)}")
+    g.add_argument("--worker", choices=sorted(gpu_check.WORKERS), help=argparse.SUPPRESS)
+    g.add_argument("--result", help=argparse.SUPPRESS)
+    g.set_defaults(func=cmd_gpu_check)
+
     c = sub.add_parser(
         "compare",
         help="train one model under several regularizations (none, L1, L2, ElasticNet, group lasso, dropout) and compare",

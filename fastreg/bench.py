@@ -537,6 +537,15 @@ def time_cases(cases: Sequence[Case], min_run_time: float) -> List[Tuple[float, 
     return found
 
 
+def copy_bandwidth(nbytes: int, device: torch.device, min_run_time: float = 1.0) -> float:
+    """GB/s of ``dst.copy_(src)`` over ``nbytes``, counting its read and its write: what one
+    pass over that many bytes reaches on ``device``, the yardstick a task's GB/s is held to."""
+    src = torch.zeros(nbytes, dtype=torch.uint8, device=device)
+    dst = torch.empty_like(src)
+    ((median, _),) = time_cases([Case("copy", lambda: dst.copy_(src))], min_run_time)
+    return 2 * nbytes / median / 1e9
+
+
 def run(
     task: Task,
     workload: Workload,
