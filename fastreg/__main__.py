@@ -106,7 +106,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
     setting = bench.Setting(l1=args.l1, l2=args.l2, lr=args.lr)
     if args.scaling:
         dtype = DTYPES[args.dtype or "fp32"]
-        series = [(size, build()) for size, build in workloads.scaling_series(args.scaling, dtype, device, args.seed, args.max_params)]
+        series = [(size, build()) for size, build in workloads.scaling_series(args.scaling, dtype, device, args.seed, args.max_params, args.size)]
         task_names = ["grad"]
     else:
         task_names = _names(args.task, list(bench.TASKS), "--task")
@@ -427,7 +427,7 @@ def parser() -> argparse.ArgumentParser:
     b.add_argument("--seed", type=int, default=0)
     b.add_argument("--scaling", choices=["params", "tensors"],
                    help="instead of --workload/--task: coupled value + grad vs total parameters (GPT-2 shapes, 1M up "
-                   "to --max-params) or vs tensor count (10 to 10,000 tensors, 4M elements in all)")
+                   "to --max-params) or vs tensor count (10 to 10,000 tensors, --size times 4M elements in all)")
     b.add_argument("--max-params", type=float, default=124.4e6, help="largest workload of --scaling params (default 124.4e6)")
     b.add_argument("--json", metavar="PATH", help="also write the results, with device and versions, as JSON")
     b.add_argument("--plot", metavar="PATH", help='also draw them to a PNG (needs matplotlib: pip install "fastreg[plot]")')

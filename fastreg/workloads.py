@@ -163,9 +163,9 @@ DEFAULT_DTYPES: Dict[str, torch.dtype] = {
 }
 
 
-def scaling_series(axis: str, dtype: torch.dtype, device, seed: int = 0, max_params: float = 124.4e6):
+def scaling_series(axis: str, dtype: torch.dtype, device, seed: int = 0, max_params: float = 124.4e6, size: float = 1.0):
     """(size, builder) pairs of ``--scaling``: total parameters 1M up to ``max_params`` in
-    GPT-2-small shapes (148 tensors), or 10 to 10,000 tensors of 4M elements in all."""
+    GPT-2-small shapes (148 tensors), or 10 to 10,000 tensors of ``size`` times 4M elements in all."""
     if axis == "params":
         full = sum(math.prod(s) for s in gpt2_small_shapes(1.0))
         totals = [t for t in (1e6, 4e6, 16e6, 64e6) if t < max_params] + [max_params]
@@ -175,7 +175,7 @@ def scaling_series(axis: str, dtype: torch.dtype, device, seed: int = 0, max_par
         ]
     if axis == "tensors":
         return [
-            (1.0, lambda count=count: Workload(f"{count} tensors", make_params(equal_split_shapes(1 << 22, count), dtype, device, seed)))
+            (1.0, lambda count=count: Workload(f"{count} tensors", make_params(equal_split_shapes(round((1 << 22) * size), count), dtype, device, seed)))
             for count in (10, 100, 1000, 10_000)
         ]
     raise ValueError(f"scaling axis must be 'params' or 'tensors', got {axis!r}")

@@ -61,8 +61,8 @@ def test_bench_all_workloads_and_tasks_then_report(tmp_path, capsys):
         names = [r["name"] for r in run["results"]]
         if run["workload"]["host"]:  # host cost: every task against _foreach_add_, first calls beside cached ones
             assert run["task"]["floor"] == "floor: foreach add (alpha=0)" and run["workload"]["tensors"] in (1000, 10_000)
-            assert {n for n in names if n.startswith("fastreg[torch]")} >= {"fastreg[torch]" if run["task"]["name"] != "step"
-                                                                          else "fastreg[torch] Regularized(SGD)"}
+            torch_case = {"step": "fastreg[torch] Regularized(SGD)", "adamw": "fastreg[torch] Regularized(AdamW(fused))"}
+            assert torch_case.get(run["task"]["name"], "fastreg[torch]") in names
             cached = [n for n in names if n.startswith("fastreg") and not n.endswith(" first call")]
             twins = [n for n in names if n.endswith(" first call")]
             assert twins == ([] if run["task"]["name"] == "adamw" else [f"{n} first call" for n in cached])
@@ -79,7 +79,7 @@ def test_bench_all_workloads_and_tasks_then_report(tmp_path, capsys):
 
 def test_bench_scaling_with_tensor_count(tmp_path):
     path = tmp_path / "scaling.json"
-    assert main(["bench", "--scaling", "tensors", "--min-time", "0.005", "--quiet", "--no-compile", "--backends", "torch",
+    assert main(["bench", "--scaling", "tensors", "--size", "0.01", "--min-time", "0.005", "--quiet", "--no-compile", "--backends", "torch",
                  "--json", str(path), "--plot", str(tmp_path / "scaling.png")]) == 0
     record = json.loads(path.read_text())
     assert record["scaling"] == "tensors"
