@@ -453,7 +453,7 @@ def make_cases(task: Task, workload: Workload, setting: Setting, *, compile: boo
         for case in task.fastreg_cases(workload, setting, name):
             case.skip_reason = BACKENDS[name].unavailable_reason(device, dtype)
             found.append(case)
-            if workload.host and not task.stateful:
+            if workload.host and not task.stateful and case.skip_reason is None:
                 found.append(Case(f"{case.name} first call", _first_call(case.run), case.skip_reason))
     return found
 

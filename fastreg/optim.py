@@ -159,10 +159,12 @@ class Regularized(torch.optim.Optimizer):
         if any(group[key] for key in COEFFICIENT_KEYS):
             _dispatch.tensor_list(group["params"], name=f"param_groups[{index}]['params']")
         weight_decay = group.get("weight_decay", 0)
-        if isinstance(weight_decay, (int, float)) and weight_decay > 0:
+        # Only a second L2 is a likely mistake: the inner optimizer's weight decay beside
+        # fastreg's l1 or group lasso alone is the usual way to add those to it.
+        if isinstance(weight_decay, (int, float)) and weight_decay > 0 and group["l2"]:
             warnings.warn(
                 f"the wrapped {type(self.optimizer).__name__} also applies weight_decay={weight_decay} to param group "
-                f"{index}, on top of fastreg's regularization; set weight_decay=0 there (fastreg.param_groups does) "
+                f"{index}, on top of fastreg's l2={group['l2']}; set weight_decay=0 there (fastreg.param_groups does) "
                 "unless you want both",
                 UserWarning,
                 stacklevel=3,

@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from fastreg import bench
+from fastreg.backends import BACKENDS
 from fastreg.__main__ import main
 
 TINY = ["--size", "0.0005", "--min-time", "0.005", "--quiet"]
@@ -18,8 +19,11 @@ TINY = ["--size", "0.0005", "--min-time", "0.005", "--quiet"]
 def test_info_lists_versions_and_backends(capsys):
     assert main(["info"]) == 0
     out = capsys.readouterr().out
-    assert "torch" in out and "backend" in out
-    assert "torch      cpu       usable" in out
+    assert re.search(rf"^torch +{re.escape(torch.__version__)}$", out, re.MULTILINE)
+    for name, backend in BACKENDS.items():
+        reason = backend.unavailable_reason(torch.device("cpu"), torch.float32)
+        row = rf"^{name} +cpu +usable *$" if reason is None else rf"^{name} +cpu +no +{re.escape(reason[:40])}"
+        assert re.search(row, out, re.MULTILINE), (name, reason)
 
 
 def test_build_builds_the_cpu_extension(capsys):
@@ -63,7 +67,8 @@ def test_bench_all_workloads_and_tasks_then_report(tmp_path, capsys):
             assert run["task"]["floor"] == "floor: foreach add (alpha=0)" and run["workload"]["tensors"] in (1000, 10_000)
             torch_case = {"step": "fastreg[torch] Regularized(SGD)", "adamw": "fastreg[torch] Regularized(AdamW(fused))"}
             assert torch_case.get(run["task"]["name"], "fastreg[torch]") in names
-            cached = [n for n in names if n.startswith("fastreg") and not n.endswith(" first call")]
+            cached = [r["name"] for r in run["results"]
+                      if r["name"].startswith("fastreg") and not r["name"].endswith(" first call") and not r["note"]]
             twins = [n for n in names if n.endswith(" first call")]
             assert twins == ([] if run["task"]["name"] == "adamw" else [f"{n} first call" for n in cached])
         assert next(r for r in run["results"] if r["name"] == run["task"]["floor"])["x_floor"] == 1.0
