@@ -42,6 +42,7 @@ import contextlib
 import errno
 import hashlib
 import json
+import logging
 import os
 import platform
 import re
@@ -55,6 +56,23 @@ from pathlib import Path
 from typing import Callable, Dict, List, Optional, Tuple
 
 BUILD_DIR_ENV = "FASTREG_BUILD_DIR"
+
+
+def _cpp_extension():
+    """``torch.utils.cpp_extension``, imported without the warning it logs at import where a
+    CUDA toolkit is found but no GPU ("No CUDA runtime is found"): fastreg says itself what it
+    builds and why not, once."""
+    if "torch.utils.cpp_extension" not in sys.modules:
+        log = logging.getLogger("torch.utils.cpp_extension")
+        level = log.level
+        log.setLevel(logging.ERROR)
+        try:
+            import torch.utils.cpp_extension  # noqa: F401
+        finally:
+            log.setLevel(level)
+    from torch.utils import cpp_extension
+
+    return cpp_extension
 
 # Far longer than any build takes (about 40 s for the CPU extension on 2 cores, a few minutes for
 # a CUDA one): a wait this long is for a stuck build, and the waiter falls back instead; a lock
@@ -462,14 +480,14 @@ class _Extension:
         return f"{self.name}_{digest.hexdigest()[:16]}"
 
     def binary_name(self) -> str:
-        from torch.utils import cpp_extension
+        cpp_extension = _cpp_extension()
 
         return self.versioned_name() + cpp_extension.LIB_EXT
 
     def build_directory(self) -> Path:
         """Where this build's binary lives: ``$FASTREG_BUILD_DIR/<name>``, else cpp_extension's
         own place (``$TORCH_EXTENSIONS_DIR/<name>`` or its default)."""
-        from torch.utils import cpp_extension
+        cpp_extension = _cpp_extension()
 
         name = self.versioned_name()
         if os.environ.get(BUILD_DIR_ENV):
@@ -563,7 +581,7 @@ class _Extension:
             shutil.rmtree(staging, ignore_errors=True)
 
     def _load(self, build_dir: Path, verbose: bool) -> None:
-        from torch.utils import cpp_extension
+        cpp_extension = _cpp_extension()
 
         self.module = cpp_extension.load(
             name=self.versioned_name(),

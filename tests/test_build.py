@@ -571,3 +571,17 @@ def test_info_and_bench_say_what_failed_and_what_to_do(tmp_path):
     assert info[-3:] == expected
     bench = run("bench", "--size", "0.0005", "--min-time", "0.005", "--quiet", "--no-compile", "--backends", "cpp,torch")
     assert bench[1:4] == expected  # right under the line naming the machine
+
+
+def test_cpp_extension_import_warning_is_not_passed_on(tmp_path):
+    """torch logs "No CUDA runtime is found" when cpp_extension is imported where a CUDA
+    toolkit is found and no GPU is (CUDA_HOME set, no device visible): not in fastreg's output."""
+    if not torch.version.cuda:
+        pytest.skip("torch is a CPU-only build: its cpp_extension looks for no CUDA toolkit")
+    env = dict(os.environ, CUDA_HOME=str(tmp_path), CUDA_VISIBLE_DEVICES="")
+    plain = subprocess.run([sys.executable, "-c", "import torch.utils.cpp_extension"], env=env,
+                           capture_output=True, text=True, check=True)
+    assert "No CUDA runtime is found" in plain.stderr  # the condition holds here
+    ours = subprocess.run([sys.executable, "-c", "from fastreg import _build; _build._cpp_extension()"], env=env,
+                          capture_output=True, text=True, check=True)
+    assert "No CUDA runtime" not in ours.stderr and "No CUDA runtime" not in ours.stdout
