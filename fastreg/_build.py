@@ -58,7 +58,7 @@ from typing import Callable, Dict, List, Optional, Tuple
 BUILD_DIR_ENV = "FASTREG_BUILD_DIR"
 
 
-def _cpp_extension():
+def import_cpp_extension():
     """``torch.utils.cpp_extension``, imported without the warning it logs at import where a
     CUDA toolkit is found but no GPU ("No CUDA runtime is found"): fastreg says itself what it
     builds and why not, once."""
@@ -480,14 +480,14 @@ class _Extension:
         return f"{self.name}_{digest.hexdigest()[:16]}"
 
     def binary_name(self) -> str:
-        cpp_extension = _cpp_extension()
+        cpp_extension = import_cpp_extension()
 
         return self.versioned_name() + cpp_extension.LIB_EXT
 
     def build_directory(self) -> Path:
         """Where this build's binary lives: ``$FASTREG_BUILD_DIR/<name>``, else cpp_extension's
         own place (``$TORCH_EXTENSIONS_DIR/<name>`` or its default)."""
-        cpp_extension = _cpp_extension()
+        cpp_extension = import_cpp_extension()
 
         name = self.versioned_name()
         if os.environ.get(BUILD_DIR_ENV):
@@ -581,7 +581,7 @@ class _Extension:
             shutil.rmtree(staging, ignore_errors=True)
 
     def _load(self, build_dir: Path, verbose: bool) -> None:
-        cpp_extension = _cpp_extension()
+        cpp_extension = import_cpp_extension()
 
         self.module = cpp_extension.load(
             name=self.versioned_name(),

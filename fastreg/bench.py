@@ -28,13 +28,17 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 from torch import Tensor
-from torch.utils import benchmark as torch_benchmark
 
-from . import _plan, functional
+from . import _build, _plan, functional
 from .backends import BACKENDS
 from .fused_optim import AdamW as FusedAdamW
 from .optim import Regularized
 from .workloads import Workload
+
+# torch.utils.benchmark imports cpp_extension, which logs a warning where a CUDA toolkit is
+# found but no GPU: import it through fastreg's quiet import first.
+_build.import_cpp_extension()
+from torch.utils import benchmark as torch_benchmark  # noqa: E402
 
 Outputs = Tuple[List[Tensor], List[Tensor]]  # (reductions: values and norms, tensors: grads or weights)
 

@@ -582,6 +582,6 @@ def test_cpp_extension_import_warning_is_not_passed_on(tmp_path):
     plain = subprocess.run([sys.executable, "-c", "import torch.utils.cpp_extension"], env=env,
                            capture_output=True, text=True, check=True)
     assert "No CUDA runtime is found" in plain.stderr  # the condition holds here
-    ours = subprocess.run([sys.executable, "-c", "from fastreg import _build; _build._cpp_extension()"], env=env,
+    ours = subprocess.run([sys.executable, "-c", "import fastreg.__main__; from fastreg import _build; _build.import_cpp_extension()"], env=env,
                           capture_output=True, text=True, check=True)
     assert "No CUDA runtime" not in ours.stderr and "No CUDA runtime" not in ours.stdout
