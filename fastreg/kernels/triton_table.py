@@ -55,9 +55,10 @@ BLOCK = 1024
 """Elements a program handles per step: with :data:`NUM_WARPS` warps, 8 per thread, two
 128-bit loads of fp32 (one of fp16/bf16) per tensor read."""
 
-BLOCKS = {torch.float16: BLOCK, torch.bfloat16: BLOCK, torch.float32: BLOCK, torch.float64: BLOCK // 2}
-"""The step of each dtype: fp64 takes half as many elements (the same 32 bytes per thread as
-fp32), which keeps its registers to those of fp32."""
+BLOCKS = {torch.float16: BLOCK, torch.bfloat16: BLOCK, torch.float32: BLOCK, torch.float64: BLOCK // 4}
+"""The step of each dtype: fp64 takes a quarter as many elements (16 bytes per thread, one
+128-bit load per tensor read). Half as many (the 32 bytes per thread of fp32) spilled in the
+gradient kernel with sums on sm_90 under Triton 3.8: fp64 doubles every accumulator's registers."""
 
 NUM_WARPS = 4
 
