@@ -186,7 +186,7 @@ def test_chunk_boundaries(small_chunks, rows):
 def test_many_items_per_group_and_many_finalize_programs(small_chunks, monkeypatch):
     # A group of more items than a finalize step reads, and more finalize programs than the
     # last one adds per step: both loops of the finalize run several steps.
-    monkeypatch.setattr(triton_norms, "GROUPS_PER_PROGRAM", 1)
+    monkeypatch.setattr(triton_norms, "GROUPS_PER_PROGRAM", {torch.float32: 1, torch.float64: 1})
     monkeypatch.setattr(triton_norms, "ITEMS_PER_STEP", 2)
     monkeypatch.setattr(triton_norms, "SHARES_PER_STEP", 4)
     shapes = [(5 * 2 * BLOCK - 5,)] + [(3,)] * 9

@@ -102,7 +102,7 @@ def _group_scales(table: Table, dtype: torch.dtype, l1: float, l2: float, group_
     """Each group's ``l2 + group_lasso / ||w_g||`` (and the value, when ``value`` is given):
     the sums pass and the finalize."""
     acc = ACCUMULATE[dtype]
-    ws = workspace(table, acc, finalize_programs(table))
+    ws = workspace(table, acc, finalize_programs(table, acc))
     scales = torch.empty(table.groups, dtype=acc, device=table.device)
     with_abs = value is not None and bool(l1)
     launch_sums(table, dtype, ws, with_abs=with_abs)
@@ -122,7 +122,7 @@ def add_grad(table: Table, dtype: torch.dtype, l1: float, l2: float, group_lasso
             scales = _group_scales(table, dtype, l1, l2, group_lasso, value)
             launch_grad(table, dtype, l1, l2, group_lasso, scales)
         else:
-            ws = workspace(table, acc, finalize_programs(table))
+            ws = workspace(table, acc, finalize_programs(table, acc))
             launch_grad(table, dtype, l1, l2, 0.0, None, ws=ws)
             launch_finalize(table, ws, with_abs=bool(l1), value=value, coefs=(l1, l2, 0.0))
     return value

@@ -57,8 +57,9 @@ from .triton_table import (
     workspace,
 )
 
-GROUPS_PER_PROGRAM = 128
-"""Groups a finalize program combines side by side."""
+GROUPS_PER_PROGRAM = {torch.float32: 128, torch.float64: 64}
+"""Groups a finalize program combines side by side, by accumulate dtype: fp64 takes half as
+many, or the group-lasso variants spill on sm_80 (Triton 3.8)."""
 
 ITEMS_PER_STEP = 512
 """Items of a split group a finalize program reads per step."""
@@ -218,8 +219,8 @@ def finalize_kernel(
 # ---------------------------------------------------------------------------------------
 
 
-def finalize_programs(table: Table) -> int:
-    return triton.cdiv(table.groups, GROUPS_PER_PROGRAM)
+def finalize_programs(table: Table, acc: torch.dtype) -> int:
+    return triton.cdiv(table.groups, GROUPS_PER_PROGRAM[acc])
 
 
 def launch_sums(
@@ -253,10 +254,10 @@ def launch_finalize(
     for ``DECAY_SHRINK``, ``group_lasso`` is ``lr * group_lasso`` unless ``lr_tensor``."""
     l1, l2, gl = coefs
     tensor_abs, tensor_sq = tensor_sums or (None, None)
-    finalize_kernel[(finalize_programs(table),)](
+    finalize_kernel[(finalize_programs(table, ws.dtype),)](
         table.data, ws, tensor_abs, tensor_sq, factors, value, lr, lr_bits,
         f64_bits(l1), f64_bits(l2), f64_bits(l2 / 2), f64_bits(gl),
-        ACC=TL_DTYPES[ws.dtype], GROUPS=GROUPS_PER_PROGRAM, ITEMS=ITEMS_PER_STEP, SHARES=SHARES_PER_STEP,
+        ACC=TL_DTYPES[ws.dtype], GROUPS=GROUPS_PER_PROGRAM[ws.dtype], ITEMS=ITEMS_PER_STEP, SHARES=SHARES_PER_STEP,
         ABS=with_abs and (tensor_sums is not None or (value is not None and bool(l1))),
         TENSOR_SUMS=tensor_sums is not None, FACTOR=factor.value, VALUE=value is not None,
         HAS_L1=value is not None and bool(l1), HAS_L2=value is not None and bool(l2),
@@ -280,7 +281,7 @@ def norms(table: Table, dtype: torch.dtype) -> Tuple[Tensor, Tensor]:
         sums = (torch.empty(table.tensors, dtype=acc, device=table.device),
                 torch.empty(table.tensors, dtype=acc, device=table.device))
         if table.items:
-            ws = workspace(table, acc, finalize_programs(table))
+            ws = workspace(table, acc, finalize_programs(table, acc))
             launch_sums(table, dtype, ws)
             launch_finalize(table, ws, tensor_sums=sums)
     return sums
@@ -293,7 +294,7 @@ def value(table: Table, dtype: torch.dtype, l1: float, l2: float, group_lasso: f
         return torch.zeros((), dtype=acc, device=table.device)
     with on_device(table):
         out = torch.empty((), dtype=acc, device=table.device)
-        ws = workspace(table, acc, finalize_programs(table))
+        ws = workspace(table, acc, finalize_programs(table, acc))
         launch_sums(table, dtype, ws, with_abs=bool(l1))
         launch_finalize(table, ws, with_abs=bool(l1), value=out, coefs=(l1, l2, group_lasso))
     return out
