@@ -181,7 +181,9 @@ def add_grad(call: Call, coefs: Coefficients, grads: Optional[Sequence[Tensor]] 
                     table, group.dtype, coefs.l1, coefs.l2, coefs.group_lasso))
                 continue
             params = _params(call, group)
-            group_grads = list(map(_GRAD, params)) if grads is None else group.pick(list(grads))
+            # A comprehension, not map(attrgetter): torch.compile traces this path and cannot
+            # trace attrgetter.__call__.
+            group_grads = [p.grad for p in params] if grads is None else group.pick(list(grads))
             values.append(group.backend.add_grad_(params, group_grads, coefs))
     return total(values, call.plan)
 
