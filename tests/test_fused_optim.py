@@ -60,6 +60,16 @@ def set_grads(step, *param_lists):
             p.grad = g.clone()
 
 
+def assert_same_steps(ours, ours_params, theirs, theirs_params, steps=5):
+    """``steps`` steps of both optimizers on the same gradients: the same weights and state, bit for bit."""
+    for step in range(steps):
+        set_grads(step, ours_params, theirs_params)
+        ours.step()
+        theirs.step()
+    assert_equal_lists(ours_params, theirs_params)
+    assert_same_state(ours, theirs)
+
+
 def build(name, params, ours=True, **options):
     options = {"lr": 1e-2, **options}
     if name == "AdamW" and "weight_decay" not in options:
@@ -101,12 +111,7 @@ def test_matches_torch_bit_for_bit(path, name, options, dtype):
     theirs_params = twin(ours_params)
     ours = build(name, ours_params, **options)
     theirs = build(name, theirs_params, ours=False, fused=path == "fused", **options)
-    for step in range(5):
-        set_grads(step, ours_params, theirs_params)
-        ours.step()
-        theirs.step()
-    assert_equal_lists(ours_params, theirs_params)
-    assert_same_state(ours, theirs)
+    assert_same_steps(ours, ours_params, theirs, theirs_params)
     assert used_fused(ours) == (path == "fused")
 
 
@@ -187,12 +192,7 @@ def test_reduced_precision_adam_matches_torch_fused(name, dtype):
     ours_params = make_params(dtype)
     theirs_params = twin(ours_params)
     ours, theirs = build(name, ours_params, amsgrad=True), build(name, theirs_params, ours=False, fused=True, amsgrad=True)
-    for step in range(5):
-        set_grads(step, ours_params, theirs_params)
-        ours.step()
-        theirs.step()
-    assert_equal_lists(ours_params, theirs_params)
-    assert_same_state(ours, theirs)
+    assert_same_steps(ours, ours_params, theirs, theirs_params)
 
 
 def test_tensor_lr_and_mixed_dtypes(path):
