@@ -27,7 +27,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from .triton_norms import GRAD_SCALE, finalize_programs, launch_finalize, launch_sums
+from .triton_norms import GRAD_SCALE, finalize_workspace, launch_finalize, launch_sums
 from .triton_table import (
     ACCUMULATE,
     BLOCKS,
@@ -45,7 +45,6 @@ from .triton_table import (
     row_groups,
     scalar,
     scalar_arg,
-    workspace,
 )
 
 
@@ -102,7 +101,7 @@ def _group_scales(table: Table, dtype: torch.dtype, l1: float, l2: float, group_
     """Each group's ``l2 + group_lasso / ||w_g||`` (and the value, when ``value`` is given):
     the sums pass and the finalize."""
     acc = ACCUMULATE[dtype]
-    ws = workspace(table, acc, finalize_programs(table, acc))
+    ws = finalize_workspace(table, acc)
     scales = torch.empty(table.groups, dtype=acc, device=table.device)
     with_abs = value is not None and bool(l1)
     launch_sums(table, dtype, ws, with_abs=with_abs)
@@ -122,7 +121,7 @@ def add_grad(table: Table, dtype: torch.dtype, l1: float, l2: float, group_lasso
             scales = _group_scales(table, dtype, l1, l2, group_lasso, value)
             launch_grad(table, dtype, l1, l2, group_lasso, scales)
         else:
-            ws = workspace(table, acc, finalize_programs(table, acc))
+            ws = finalize_workspace(table, acc)
             launch_grad(table, dtype, l1, l2, 0.0, None, ws=ws)
             launch_finalize(table, ws, with_abs=bool(l1), value=value, coefs=(l1, l2, 0.0))
     return value

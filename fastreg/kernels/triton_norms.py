@@ -223,6 +223,11 @@ def finalize_programs(table: Table, acc: torch.dtype) -> int:
     return triton.cdiv(table.groups, GROUPS_PER_PROGRAM[acc])
 
 
+def finalize_workspace(table: Table, acc: torch.dtype) -> Tensor:
+    """The workspace of a sums pass followed by :func:`launch_finalize`."""
+    return workspace(table, acc, finalize_programs(table, acc))
+
+
 def launch_sums(
     table: Table, dtype: torch.dtype, ws: Tensor, with_abs: bool = True, decay: Optional[tuple] = None
 ) -> None:
@@ -281,7 +286,7 @@ def norms(table: Table, dtype: torch.dtype) -> Tuple[Tensor, Tensor]:
         sums = (torch.empty(table.tensors, dtype=acc, device=table.device),
                 torch.empty(table.tensors, dtype=acc, device=table.device))
         if table.items:
-            ws = workspace(table, acc, finalize_programs(table, acc))
+            ws = finalize_workspace(table, acc)
             launch_sums(table, dtype, ws)
             launch_finalize(table, ws, tensor_sums=sums)
     return sums
@@ -294,7 +299,7 @@ def value(table: Table, dtype: torch.dtype, l1: float, l2: float, group_lasso: f
         return torch.zeros((), dtype=acc, device=table.device)
     with on_device(table):
         out = torch.empty((), dtype=acc, device=table.device)
-        ws = workspace(table, acc, finalize_programs(table, acc))
+        ws = finalize_workspace(table, acc)
         launch_sums(table, dtype, ws, with_abs=bool(l1))
         launch_finalize(table, ws, with_abs=bool(l1), value=out, coefs=(l1, l2, group_lasso))
     return out
