@@ -52,4 +52,11 @@ def random_params(shapes, dtype=torch.float32, seed=0, zero_fraction=0.1, grad=F
     return params
 
 
+def pytest_xdist_auto_num_workers(config):
+    """``-n auto`` (pyproject.toml's addopts): a worker per core, at most 8. Most tests are
+    small and host-bound, so they scale with processes; past 8 workers, importing torch in each
+    costs more than it gains."""
+    return max(1, min(len(os.sched_getaffinity(0)), 8))
+
+
 ODD_SHAPES = [(7, 13), (1,), (), (3, 1, 5), (0,), (2, 0, 3), (129,), (65, 3)]
