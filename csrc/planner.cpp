@@ -67,21 +67,18 @@ const at::Tensor* plain_tensor(PyObject* object) {
 // plan even if its tensors are new objects (a tensor freed and another allocated at its address
 // with its sizes); the tensor object (its TensorImpl) is part of the key only so that a list that
 // repeats one tensor never matches a list of two distinct views.
+//
+// No hash: a lookup compares the key's words with each cached key's, most recently used first,
+// and a comparison stops at the first differing word (the kind and the length come first). A
+// running hash over every word is one long dependent chain of multiplies, which cost as much as
+// reading the tensors; without it, the reads of successive tensors overlap.
 struct Key {
   std::vector<int64_t> words;
-  uint64_t hash = 0;
 
-  bool operator==(const Key& other) const { return hash == other.hash && words == other.words; }
+  bool operator==(const Key& other) const { return words == other.words; }
 };
 
-void push(Key& key, int64_t word) {
-  key.words.push_back(word);
-  // splitmix64's finalizer over a running combination: cheap, and no structure survives it.
-  uint64_t h = key.hash ^ (static_cast<uint64_t>(word) + 0x9e3779b97f4a7c15ull + (key.hash << 6) + (key.hash >> 2));
-  h = (h ^ (h >> 30)) * 0xbf58476d1ce4e5b9ull;
-  h = (h ^ (h >> 27)) * 0x94d049bb133111ebull;
-  key.hash = h ^ (h >> 31);
-}
+inline void push(Key& key, int64_t word) { key.words.push_back(word); }
 
 void push_tensor(Key& key, const at::Tensor& t) {
   const c10::TensorImpl* impl = t.unsafeGetTensorImpl();
@@ -105,8 +102,7 @@ void push_tensor(Key& key, const at::Tensor& t) {
 bool make_key(PyObject* list, int64_t kind, Key& key) {
   const Py_ssize_t n = PyList_GET_SIZE(list);
   key.words.clear();
-  key.words.reserve(static_cast<size_t>(n) * 8 + 2);
-  key.hash = 0;
+  key.words.reserve(static_cast<size_t>(n) * 10 + 2);
   push(key, kind);
   push(key, n);
   for (Py_ssize_t i = 0; i < n; ++i) {
@@ -358,7 +354,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.attr("WRITES_PARAMS") = static_cast<int64_t>(fastreg::kWritesParams);
   m.attr("WRITES_GRADS") = static_cast<int64_t>(fastreg::kWritesGrads);
   m.attr("WRITES_GRADED") = static_cast<int64_t>(fastreg::kWritesGraded);
-  py::class_<Key>(m, "Key").def_property_readonly("hash", [](const Key& k) { return k.hash; });
+  py::class_<Key>(m, "Key");
   py::class_<PlanCache>(m, "PlanCache")
       .def(py::init<int64_t>(), py::arg("capacity"))
       .def("lookup", &PlanCache::lookup, py::arg("tensors"), py::arg("kind"), py::arg("extra") = py::none())
