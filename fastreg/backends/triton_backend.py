@@ -1,4 +1,4 @@
-"""The ``triton`` backend: multi-tensor Triton kernels, one launch for all tensors of a group.
+"""The ``triton`` backend: multi-tensor Triton kernels, one launch for all tensors of a bucket.
 
 The kernels (:mod:`fastreg.kernels`) read the work layout of ``csrc/plan.h``, the table the
 C++ planner builds. A plan keeps its table on the device (:meth:`TritonBackend.table_to_device`)
