@@ -1,5 +1,5 @@
 // The host side of a planned call, exposed to Python (fastreg/_plan.py): a cache key over a
-// tensor list, one C++ pass to validate and group a list the first time it is seen, and the
+// tensor list, one C++ pass to validate and bucket a list the first time it is seen, and the
 // work-layout builder of plan.h.
 //
 // Everything here works on the Python list the caller passed, element by element in C++, so
@@ -223,12 +223,12 @@ bool any_overlap(std::vector<std::pair<uintptr_t, uintptr_t>>& spans) {
   return false;
 }
 
-// First sight of a list: check every tensor, pick the ones the call works on, and split them by
-// (device, dtype). Returns None when the Python planner must decide (an error to report, or a
-// case this pass does not settle, such as written tensors whose address ranges intersect), else
-// a dict:
+// First sight of a list: check every tensor, pick the ones the call works on, and split them into
+// (device, dtype) buckets. Returns None when the Python planner must decide (an error to report,
+// or a case this pass does not settle, such as written tensors whose address ranges intersect),
+// else a dict:
 //   used:     positions in `tensors` of the tensors the call works on (all, or those with a .grad)
-//   groups:   per (device, dtype) in order of first appearance: (device, dtype, positions in
+//   buckets:  per (device, dtype) in order of first appearance: (device, dtype, positions in
 //             `used`, whether all are contiguous)
 //   extents:  int64 [len(used), 2]: numel and rows (shape[0] of 2+-dim tensors, else 1)
 py::object scan(const py::list& tensors, int64_t kind) {
@@ -277,13 +277,13 @@ py::object scan(const py::list& tensors, int64_t kind) {
     }
   }
 
-  struct Group {
+  struct Bucket {
     at::Device device;
     at::ScalarType dtype;
     std::vector<int64_t> members;
     bool contiguous;
   };
-  std::vector<Group> groups;
+  std::vector<Bucket> buckets;
   const int64_t m = static_cast<int64_t>(used_tensors.size());
   at::Tensor extents = at::empty({m, 2}, at::TensorOptions().dtype(at::kLong));
   int64_t* e = extents.data_ptr<int64_t>();
@@ -296,24 +296,24 @@ py::object scan(const py::list& tensors, int64_t kind) {
     if (kind & kWritesGradsFlag) {
       contiguous = contiguous && t.grad().is_contiguous();
     }
-    auto it = std::find_if(groups.begin(), groups.end(), [&](const Group& g) {
-      return g.device == t.device() && g.dtype == t.scalar_type();
+    auto it = std::find_if(buckets.begin(), buckets.end(), [&](const Bucket& b) {
+      return b.device == t.device() && b.dtype == t.scalar_type();
     });
-    if (it == groups.end()) {
-      groups.push_back({t.device(), t.scalar_type(), {}, true});
-      it = groups.end() - 1;
+    if (it == buckets.end()) {
+      buckets.push_back({t.device(), t.scalar_type(), {}, true});
+      it = buckets.end() - 1;
     }
     it->members.push_back(k);
     it->contiguous = it->contiguous && contiguous;
   }
-  py::list out_groups;
-  for (const Group& g : groups) {
-    at::Tensor members = at::tensor(g.members, at::TensorOptions().dtype(at::kLong));
-    out_groups.append(py::make_tuple(py::cast(g.device), py::cast(g.dtype), members, g.contiguous));
+  py::list out_buckets;
+  for (const Bucket& b : buckets) {
+    at::Tensor members = at::tensor(b.members, at::TensorOptions().dtype(at::kLong));
+    out_buckets.append(py::make_tuple(py::cast(b.device), py::cast(b.dtype), members, b.contiguous));
   }
   py::dict out;
   out["used"] = at::tensor(used, at::TensorOptions().dtype(at::kLong));
-  out["groups"] = out_groups;
+  out["buckets"] = out_buckets;
   out["extents"] = extents;
   return out;
 }

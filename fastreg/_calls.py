@@ -1,13 +1,13 @@
 """Prepared calls: a tensor list with its plan (:mod:`fastreg._plan`), and the backend ops run
-over it, group by group.
+over it, bucket by bucket.
 
-A call is planned in full before any op runs, so a bad tensor or a backend that refuses a group
+A call is planned in full before any op runs, so a bad tensor or a backend that refuses a bucket
 raises before anything is written. :mod:`fastreg.functional`, :mod:`fastreg.distributed` (on the
 local shards) and :class:`fastreg.Regularized` (which prepares every param group first) share it.
 
-A group whose backend runs from tables (``cpp``, ``cuda``, ``triton``) and whose tensors are
+A bucket whose backend runs from tables (``cpp``, ``cuda``, ``triton``) and whose tensors are
 contiguous runs its kernels from the plan's cached work-layout table: nothing per tensor in
-Python. Other groups (the pure-PyTorch backends, non-contiguous tensors, and every group while
+Python. Other buckets (the pure-PyTorch backends, non-contiguous tensors, and every bucket while
 ``torch.compile`` traces) call the backend's list ops.
 """
 from __future__ import annotations
@@ -19,7 +19,7 @@ import torch
 from torch import Tensor
 
 from . import _dispatch, _plan
-from ._plan import Group, Plan
+from ._plan import Bucket, Plan
 from .backends import Backend, Coefficients
 
 _GRAD = operator.attrgetter("grad")
@@ -50,20 +50,20 @@ def prepare(tensors: List[Tensor], backend: Optional[str], with_grads: bool = Fa
     return Call(_plan.plan(tensors, backend, kind, name, devices), tensors, backend, devices)
 
 
-def _params(call: Call, group: Group) -> List[Tensor]:
-    return group.pick(call.plan.tensors(call.tensors))
+def _params(call: Call, bucket: Bucket) -> List[Tensor]:
+    return bucket.pick(call.plan.tensors(call.tensors))
 
 
-def _table(call: Call, group: Group, row_groups: bool) -> Optional[Tensor]:
-    """The group's cached table when its kernels can run from one (else None: list ops)."""
-    if group.extents is None or not group.contiguous or torch.compiler.is_compiling():
+def _table(call: Call, bucket: Bucket, row_groups: bool) -> Optional[Tensor]:
+    """The bucket's cached table when its kernels can run from one (else None: list ops)."""
+    if bucket.extents is None or not bucket.contiguous or torch.compiler.is_compiling():
         return None
-    table = group.tables.get(row_groups)
+    table = bucket.tables.get(row_groups)
     if table is not None:
         return table
-    params = _params(call, group)
+    params = _params(call, bucket)
     grads = list(map(_GRAD, params)) if call.plan.kind == _plan.WRITES_GRADS else None
-    return group.table(row_groups, params, grads)
+    return bucket.table(row_groups, params, grads)
 
 
 def _rows(coefs: Coefficients) -> bool:
@@ -75,13 +75,13 @@ def total(values: List[Tensor], plan: Plan) -> Tensor:
 
 
 class PenaltyFunction(torch.autograd.Function):
-    """``P`` of one (device, dtype) group; the backward is one backend call for all its tensors."""
+    """``P`` of one (device, dtype) bucket; the backward is one backend call for all its tensors."""
 
     @staticmethod
-    def forward(ctx, call: Call, group: Group, coefs: Coefficients, *params: Tensor) -> Tensor:
-        ctx.backend, ctx.coefs = group.backend, coefs
+    def forward(ctx, call: Call, bucket: Bucket, coefs: Coefficients, *params: Tensor) -> Tensor:
+        ctx.backend, ctx.coefs = bucket.backend, coefs
         ctx.save_for_backward(*params)
-        return _value(call, group, coefs, list(params))
+        return _value(call, bucket, coefs, list(params))
 
     @staticmethod
     def backward(ctx, grad_output: Tensor):
@@ -91,11 +91,11 @@ class PenaltyFunction(torch.autograd.Function):
         return (None, None, None, *grads)
 
 
-def _value(call: Call, group: Group, coefs: Coefficients, params: List[Tensor]) -> Tensor:
-    table = _table(call, group, _rows(coefs))
+def _value(call: Call, bucket: Bucket, coefs: Coefficients, params: List[Tensor]) -> Tensor:
+    table = _table(call, bucket, _rows(coefs))
     if table is None:
-        return group.backend.value(params, coefs)
-    return group.backend.table_ops(group.device).value(table, group.dtype, coefs.l1, coefs.l2, coefs.group_lasso)
+        return bucket.backend.value(params, coefs)
+    return bucket.backend.table_ops(bucket.device).value(table, bucket.dtype, coefs.l1, coefs.l2, coefs.group_lasso)
 
 
 def _places(call: Call) -> List[Tuple[List[Tensor], Optional[Call]]]:
@@ -120,15 +120,15 @@ def penalty(call: Call, coefs: Coefficients) -> Tensor:
         return _sharded_total([distributed.penalty(ts, coefs, call.backend) if c is None else penalty(c, coefs)
                                for ts, c in _places(call)])
     values = []
-    for group in call.plan.groups:
-        params = _params(call, group)
-        values.append(PenaltyFunction.apply(call, group, coefs, *params))
+    for bucket in call.plan.buckets:
+        params = _params(call, bucket)
+        values.append(PenaltyFunction.apply(call, bucket, coefs, *params))
     return total(values, call.plan)
 
 
 def value(call: Call, coefs: Coefficients) -> Tensor:
     """``P`` without autograd."""
-    return total([_value(call, group, coefs, _params(call, group)) for group in call.plan.groups], call.plan)
+    return total([_value(call, bucket, coefs, _params(call, bucket)) for bucket in call.plan.buckets], call.plan)
 
 
 def _sharded_total(values: List[Tensor]) -> Tensor:
@@ -143,23 +143,23 @@ def norms_parts(call: Call) -> Tuple[Tensor, Tensor]:
         from . import distributed
 
         return distributed.norm_sums(call.tensors, call.backend)
-    per_group = []
-    for group in plan.groups:
-        table = _table(call, group, False)
+    per_bucket = []
+    for bucket in plan.buckets:
+        table = _table(call, bucket, False)
         if table is None:
-            per_group.append(group.backend.norms(_params(call, group)))
+            per_bucket.append(bucket.backend.norms(_params(call, bucket)))
         else:
-            per_group.append(group.backend.table_ops(group.device).norms(table, group.dtype))
+            per_bucket.append(bucket.backend.table_ops(bucket.device).norms(table, bucket.dtype))
     dtype = plan.result_dtype
-    if len(per_group) == 1:
-        return tuple(x.to(dtype) for x in per_group[0])
+    if len(per_bucket) == 1:
+        return tuple(x.to(dtype) for x in per_bucket[0])
     count = len(plan.tensors(call.tensors))
     abs_sums = torch.empty(count, dtype=dtype, device=plan.device)
     sq_sums = torch.empty(count, dtype=dtype, device=plan.device)
-    for group, (group_abs, group_sq) in zip(plan.groups, per_group):
-        where = torch.tensor(group.positions, device=plan.device)
-        abs_sums[where] = group_abs.to(device=plan.device, dtype=dtype)
-        sq_sums[where] = group_sq.to(device=plan.device, dtype=dtype)
+    for bucket, (bucket_abs, bucket_sq) in zip(plan.buckets, per_bucket):
+        where = torch.tensor(bucket.positions, device=plan.device)
+        abs_sums[where] = bucket_abs.to(device=plan.device, dtype=dtype)
+        sq_sums[where] = bucket_sq.to(device=plan.device, dtype=dtype)
     return abs_sums, sq_sums
 
 
@@ -174,17 +174,17 @@ def add_grad(call: Call, coefs: Coefficients, grads: Optional[Sequence[Tensor]] 
                                for ts, c in _places(call)])
     values = []
     with torch.no_grad():
-        for group in call.plan.groups:
-            table = None if grads is not None else _table(call, group, _rows(coefs))
+        for bucket in call.plan.buckets:
+            table = None if grads is not None else _table(call, bucket, _rows(coefs))
             if table is not None:
-                values.append(group.backend.table_ops(group.device).add_grad_(
-                    table, group.dtype, coefs.l1, coefs.l2, coefs.group_lasso))
+                values.append(bucket.backend.table_ops(bucket.device).add_grad_(
+                    table, bucket.dtype, coefs.l1, coefs.l2, coefs.group_lasso))
                 continue
-            params = _params(call, group)
+            params = _params(call, bucket)
             # A comprehension, not map(attrgetter): torch.compile traces this path and cannot
             # trace attrgetter.__call__.
-            group_grads = [p.grad for p in params] if grads is None else group.pick(list(grads))
-            values.append(group.backend.add_grad_(params, group_grads, coefs))
+            bucket_grads = [p.grad for p in params] if grads is None else bucket.pick(list(grads))
+            values.append(bucket.backend.add_grad_(params, bucket_grads, coefs))
     return total(values, call.plan)
 
 
@@ -201,20 +201,20 @@ def decay(call: Call, lr, coefs: Coefficients) -> None:
                 decay(c, lr, coefs)
         return
     with torch.no_grad():
-        for group in call.plan.groups:
-            table = _table(call, group, _rows(coefs))
+        for bucket in call.plan.buckets:
+            table = _table(call, bucket, _rows(coefs))
             if table is None:
-                group.backend.decay_(_params(call, group), lr, coefs)
+                bucket.backend.decay_(_params(call, bucket), lr, coefs)
                 continue
-            ops = group.backend.table_ops(group.device)
+            ops = bucket.backend.table_ops(bucket.device)
             if isinstance(lr, Tensor):
-                ops.decay_(table, group.dtype, 0.0, lr, coefs.l1, coefs.l2, coefs.group_lasso)
+                ops.decay_(table, bucket.dtype, 0.0, lr, coefs.l1, coefs.l2, coefs.group_lasso)
             else:
-                ops.decay_(table, group.dtype, float(lr), None, coefs.l1, coefs.l2, coefs.group_lasso)
+                ops.decay_(table, bucket.dtype, float(lr), None, coefs.l1, coefs.l2, coefs.group_lasso)
 
 
-def penalty_backward(call: Call, group: Group, grad_output: Tensor, coefs: Coefficients) -> List[Tensor]:
-    return group.backend.penalty_backward(_params(call, group), grad_output, coefs)
+def penalty_backward(call: Call, bucket: Bucket, grad_output: Tensor, coefs: Coefficients) -> List[Tensor]:
+    return bucket.backend.penalty_backward(_params(call, bucket), grad_output, coefs)
 
 
 __all__ = ["Backend", "Call", "add_grad", "decay", "norms_parts", "penalty", "penalty_backward", "prepare", "total", "value"]

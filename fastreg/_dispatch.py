@@ -1,8 +1,8 @@
-"""Validation, grouping and backend choice: the one layer between the public API and the backends.
+"""Validation, bucketing and backend choice: the one layer between the public API and the backends.
 
 Every argument is checked here, once, before any tensor is touched, so a bad call raises
 without changing a weight or a gradient. Tensors are then split into (device, dtype)
-groups, each handed to one backend op.
+buckets, each handed to one backend op.
 """
 from __future__ import annotations
 
@@ -21,7 +21,7 @@ SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 BACKEND_ENV = "FASTREG_BACKEND"
 
 TensorOrTensors = Union[Tensor, Iterable[Tensor]]
-Group = Tuple[torch.device, torch.dtype, List[int]]
+Bucket = Tuple[torch.device, torch.dtype, List[int]]
 
 
 def check_coefficient(name: str, value) -> float:
@@ -101,9 +101,9 @@ def check_tensors(tensors: Sequence[Tensor], name: str = "params") -> None:
             seen[t] = i
 
 
-def single_device(group_devices: Sequence[torch.device], name: str = "params") -> None:
-    """Refuse a call whose (device, dtype) groups, from :func:`split`, span several devices."""
-    devices = list(dict.fromkeys(group_devices))
+def single_device(bucket_devices: Sequence[torch.device], name: str = "params") -> None:
+    """Refuse a call whose (device, dtype) buckets, from :func:`split`, span several devices."""
+    devices = list(dict.fromkeys(bucket_devices))
     if len(devices) > 1:
         raise ValueError(
             f"{name} holds tensors on several devices ({', '.join(map(str, devices))}); call once per device, "
@@ -215,12 +215,12 @@ def grads_of(tensors: Sequence[Tensor], name: str = "params") -> Tuple[List[Tens
     return with_grad, grads, indices
 
 
-def split(tensors: Sequence[Tensor]) -> List[Group]:
-    """(device, dtype, indices) groups in order of first appearance."""
-    groups = {}
+def split(tensors: Sequence[Tensor]) -> List[Bucket]:
+    """(device, dtype, indices) buckets in order of first appearance."""
+    buckets = {}
     for i, t in enumerate(tensors):
-        groups.setdefault((t.device, t.dtype), []).append(i)
-    return [(device, dtype, indices) for (device, dtype), indices in groups.items()]
+        buckets.setdefault((t.device, t.dtype), []).append(i)
+    return [(device, dtype, indices) for (device, dtype), indices in buckets.items()]
 
 
 # torch.compile calls these two at trace time and takes their answers as constants: whether
@@ -256,7 +256,7 @@ def backend_for(name: Optional[str], device: torch.device, dtype: torch.dtype) -
 
 
 def check_backend_name(name: Optional[str], origin: str = "backend") -> None:
-    """Fail early on an unknown backend name (whether it can run is decided per group);
+    """Fail early on an unknown backend name (whether it can run is decided per bucket);
     ``origin`` names where the name came from (the argument, or ``FASTREG_BACKEND``)."""
     if name is not None and name != "auto":
         if not isinstance(name, str):
@@ -272,7 +272,7 @@ def result_dtype(tensors: Sequence[Tensor]) -> torch.dtype:
 
 
 def total(values: Sequence[Tensor], dtype: torch.dtype, device: torch.device) -> Tensor:
-    """Sum per-group values in group order (deterministic), on ``device``."""
+    """Sum per-bucket values in bucket order (deterministic), on ``device``."""
     if not values:
         return torch.zeros((), dtype=dtype, device=device)
     result = values[0].to(device=device, dtype=dtype)

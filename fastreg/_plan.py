@@ -2,8 +2,8 @@
 
 A *plan* is everything a fastreg call over a tensor list works out before it computes: every
 tensor checked (dtype, layout, device, the ``.grad`` of each), the tensors the call works on
-(all, or those with a ``.grad``), their (device, dtype) groups and each group's backend, the
-check that tensors written in place share no memory, and, for kernel backends, each group's
+(all, or those with a ``.grad``), their (device, dtype) buckets and each bucket's backend, the
+check that tensors written in place share no memory, and, for kernel backends, each bucket's
 work-layout table (``csrc/plan.h``: which elements of which tensor each work item covers, with
 the tensors' addresses), built once and kept on the device the kernels read it from.
 
@@ -77,17 +77,17 @@ def _picker(positions: Optional[Sequence[int]]) -> Callable[[Sequence[Tensor]], 
 
 
 @dataclasses.dataclass
-class Group:
-    """The tensors of one (device, dtype) of a plan, and the backend that computes them."""
+class Bucket:
+    """A bucket: the tensors of one (device, dtype) of a plan, and the backend that computes them."""
 
     backend: Backend
     device: torch.device
     dtype: torch.dtype
     positions: Optional[List[int]]
-    """Positions of this group's tensors among the plan's used tensors (None: all of them, in order)."""
+    """Positions of this bucket's tensors among the plan's used tensors (None: all of them, in order)."""
     contiguous: bool
     """Whether every tensor (and written grad) is contiguous: only then can kernels run from a
-    cached table; other groups stage copies through the backend's list ops on every call."""
+    cached table; other buckets stage copies through the backend's list ops on every call."""
     extents: Optional[Tensor]
     """int64 [n, 2]: each tensor's element count and rows, what the work layout is built from."""
     pick: Callable[[Sequence[Tensor]], List[Tensor]] = dataclasses.field(repr=False, default=list)
@@ -95,7 +95,7 @@ class Group:
     """Work-layout tables by row grouping, on the device the backend's kernels read them from."""
 
     def table(self, row_groups: bool, tensors: Sequence[Tensor], grads: Optional[Sequence[Tensor]]) -> Tensor:
-        """This group's work layout (row groups for group lasso over ``group_dim=0``) with the
+        """This bucket's work layout (row groups for group lasso over ``group_dim=0``) with the
         addresses of ``tensors`` (and ``grads``), built now and kept in ``tables``: a plan
         applies only to tensors at the addresses it was keyed on."""
         planner = _build.planner()
@@ -118,7 +118,7 @@ class Plan:
     """How many tensors the list has."""
     used: Optional[List[int]]
     """Positions in the list of the tensors the call works on (None: all of them)."""
-    groups: List[Group]
+    buckets: List[Bucket]
     result_dtype: torch.dtype
     device: torch.device
     sharded: bool = False
@@ -133,34 +133,34 @@ class Plan:
 # Building a plan
 
 
-def _groups_of(tensors: List[Tensor], split: List[Tuple[torch.device, torch.dtype, List[int], bool]],
-               extents: Optional[Tensor], backend: Optional[str]) -> List[Group]:
+def _buckets_of(tensors: List[Tensor], split: List[Tuple[torch.device, torch.dtype, List[int], bool]],
+                extents: Optional[Tensor], backend: Optional[str]) -> List[Bucket]:
     whole = len(split) == 1
-    groups = []
+    buckets = []
     for device, dtype, positions, contiguous in split:
         chosen = _dispatch.backend_for(backend, device, dtype)
         if extents is None or not chosen.runs_tables(device):
-            group_extents = None
+            bucket_extents = None
         elif whole:
-            group_extents = extents
+            bucket_extents = extents
         else:
-            group_extents = extents[torch.tensor(positions, dtype=torch.long)]
-        groups.append(Group(
+            bucket_extents = extents[torch.tensor(positions, dtype=torch.long)]
+        buckets.append(Bucket(
             backend=chosen,
             device=device,
             dtype=dtype,
             positions=None if whole else positions,
             contiguous=contiguous,
-            extents=group_extents,
+            extents=bucket_extents,
             pick=_picker(None if whole else positions),
         ))
-    return groups
+    return buckets
 
 
-def _finish(kind: int, name: str, tensors: List[Tensor], used: Optional[List[int]], groups: List[Group]) -> Plan:
-    dtype = torch.float64 if any(g.dtype == torch.float64 for g in groups) else torch.float32
-    device = groups[0].device if groups else (tensors[0].device if tensors else torch.device("cpu"))
-    return Plan(kind=kind, name=name, count=len(tensors), used=used, groups=groups, result_dtype=dtype, device=device,
+def _finish(kind: int, name: str, tensors: List[Tensor], used: Optional[List[int]], buckets: List[Bucket]) -> Plan:
+    dtype = torch.float64 if any(b.dtype == torch.float64 for b in buckets) else torch.float32
+    device = buckets[0].device if buckets else (tensors[0].device if tensors else torch.device("cpu"))
+    return Plan(kind=kind, name=name, count=len(tensors), used=used, buckets=buckets, result_dtype=dtype, device=device,
                 pick=_picker(used))
 
 
@@ -169,10 +169,10 @@ def _from_scan(scan: dict, kind: int, name: str, tensors: List[Tensor], backend:
     used = scan["used"].tolist()
     if len(used) == len(tensors):
         used = None
-    split = [(device, dtype, members.tolist(), contiguous) for device, dtype, members, contiguous in scan["groups"]]
+    split = [(device, dtype, members.tolist(), contiguous) for device, dtype, members, contiguous in scan["buckets"]]
     if not devices:
         _dispatch.single_device([device for device, _, _, _ in split], name)
-    return _finish(kind, name, tensors, used, _groups_of(tensors, split, scan["extents"], backend))
+    return _finish(kind, name, tensors, used, _buckets_of(tensors, split, scan["extents"], backend))
 
 
 def _extents(tensors: Sequence[Tensor]) -> Tensor:
@@ -187,7 +187,7 @@ def _python_plan(kind: int, name: str, tensors: List[Tensor], backend: Optional[
 
     if distributed.any_dtensor(tensors):
         used = [i for i, t in enumerate(tensors) if t.grad is not None] if kind & _GRADED else None
-        return Plan(kind=kind, name=name, count=len(tensors), used=used, groups=[], sharded=True,
+        return Plan(kind=kind, name=name, count=len(tensors), used=used, buckets=[], sharded=True,
                     result_dtype=_dispatch.result_dtype(tensors), device=tensors[0].device, pick=_picker(used))
     used = None
     grads = None
@@ -213,7 +213,7 @@ def _python_plan(kind: int, name: str, tensors: List[Tensor], backend: Optional[
             contiguous = contiguous and all(grads[i].is_contiguous() for i in positions)
         with_contiguity.append((device, dtype, positions, contiguous))
     extents = None if torch.compiler.is_compiling() or _build.planner_if_loaded() is None else _extents(chosen)
-    return _finish(kind, name, tensors, used, _groups_of(chosen, with_contiguity, extents, backend))
+    return _finish(kind, name, tensors, used, _buckets_of(chosen, with_contiguity, extents, backend))
 
 
 # ---------------------------------------------------------------------------------------------

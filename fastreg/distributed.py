@@ -197,8 +197,8 @@ class _ShardedPenalty(torch.autograd.Function):
         shards = ctx.shards
         grads: List[Optional[Tensor]] = [torch.zeros_like(w) for w in shards.locals]
         for indices, call, c in _split_calls(shards, ctx.whole, ctx.coefs, ctx.backend):
-            for group in call.plan.groups:
-                for i, g in zip(group.pick(indices), _calls.penalty_backward(call, group, grad_output, c)):
+            for bucket in call.plan.buckets:
+                for i, g in zip(bucket.pick(indices), _calls.penalty_backward(call, bucket, grad_output, c)):
                     grads[i] = g
         if ctx.whole:
             extra = _group_lasso_gradient([shards.locals[i] for i in ctx.whole], ctx.norms, ctx.coefs.group_lasso)

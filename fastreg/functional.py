@@ -1,8 +1,8 @@
 """fastreg's functional API: the penalty, its norms, and its coupled and decoupled updates.
 
 All functions take ``params`` as one tensor or any iterable of tensors
-(``model.parameters()`` included), group them by dtype, and make one backend call per
-group. The math is in :mod:`fastreg.backends.base`; in short::
+(``model.parameters()`` included), split them into (device, dtype) buckets, and make one
+backend call per bucket. The math is in :mod:`fastreg.backends.base`; in short::
 
     P = l1 * sum|w| + l2/2 * sum w^2 + group_lasso * sum_g ||w_g||_2
 
@@ -21,7 +21,7 @@ from ._dispatch import TensorOrTensors
 
 
 class Norms(NamedTuple):
-    """Norms of a list of tensors, all read in one pass per (device, dtype) group."""
+    """Norms of a list of tensors, all read in one pass per (device, dtype) bucket."""
 
     l1: Tensor
     """``sum_t sum |w_t|`` (0-d)."""
@@ -50,7 +50,7 @@ def penalty(
     """``P(params)`` as a differentiable 0-d tensor (fp32, or fp64 when any tensor is fp64).
 
     Add it to the loss; its backward computes every tensor's gradient in one backend call
-    per (device, dtype) group rather than one autograd node per tensor::
+    per (device, dtype) bucket rather than one autograd node per tensor::
 
         loss = criterion(model(x), y) + fastreg.penalty(model.parameters(), l1=1e-5, l2=1e-4)
 

@@ -62,15 +62,15 @@ def _check_nonnegative(name: str, value) -> float:
 
 
 @dataclasses.dataclass
-class _Part:
-    """The tensors of one dtype of a fused param group, and their tables."""
+class _Bucket:
+    """A bucket: the tensors of one dtype of a fused param group, and their tables."""
 
     dtype: torch.dtype
     positions: Optional[List[int]]
     """Positions among the group's tensors with a gradient (None: all of them)."""
     extents: Tensor
     tables: Dict[bool, Tensor] = dataclasses.field(default_factory=dict)
-    """By row grouping, as fastreg._plan.Group.tables: built from the addresses the key holds."""
+    """By row grouping, as fastreg._plan.Bucket.tables: built from the addresses the key holds."""
 
 
 _FALLBACK = "fallback"
@@ -85,7 +85,7 @@ class _Work:
     params: List[Tensor]
     lists: List[List[Tensor]]
     """Fused: the table's pointer rows after params and grads (the state)."""
-    parts: Optional[List[_Part]]
+    buckets: Optional[List[_Bucket]]
     """None: the group runs torch's step (the fallback)."""
     call: Optional[_calls.Call] = None
     """Fallback: the prepared call of fastreg's ops on the group's tensors with a gradient."""
@@ -234,13 +234,13 @@ class _Fused:
             if key is None or not self._fusable(group, params, kernels) or not self._contiguous_state(work):
                 found = _FALLBACK
             else:
-                found = [_Part(dtype, None if len(split) == 1 else positions, _extents([params[i] for i in positions]))
+                found = [_Bucket(dtype, None if len(split) == 1 else positions, _extents([params[i] for i in positions]))
                          for split in [_dispatch.split(params)] for _, dtype, positions in split]
             if key is not None:
                 self._tables.put(key, found)
         if found is _FALLBACK:
             return self._fallback_work(index, group, params)
-        work.parts = found
+        work.buckets = found
         self._before_fused(work)
         return work
 
@@ -277,17 +277,17 @@ class _Fused:
                                   name=f"param_groups[{index}]['params']", devices=True)
         return _Work(index, group, params, [], None, call)
 
-    def _table(self, work: _Work, part: _Part, rows: bool, kernels) -> Tensor:
-        table = part.tables.get(rows)
+    def _table(self, work: _Work, bucket: _Bucket, rows: bool, kernels) -> Tensor:
+        table = bucket.tables.get(rows)
         if table is not None:
             return table
-        pick = (lambda row: row) if part.positions is None else (lambda row: [row[i] for i in part.positions])
+        pick = (lambda row: row) if bucket.positions is None else (lambda row: [row[i] for i in bucket.positions])
         chunk, max_groups = get_backend("cpp").layout_limits(torch.device("cpu"))
         rows_list = [work.params, [p.grad for p in work.params]] + work.lists
-        table = kernels.layout(part.extents, rows, len(rows_list), chunk, max_groups)
+        table = kernels.layout(bucket.extents, rows, len(rows_list), chunk, max_groups)
         for r, row in enumerate(rows_list):
             kernels.set_ptrs(table, r, pick(row))
-        part.tables[rows] = table
+        bucket.tables[rows] = table
         return table
 
     @torch.no_grad()
@@ -302,17 +302,17 @@ class _Fused:
         grad_scale = getattr(self, "grad_scale", None)
         found_inf = getattr(self, "found_inf", None)
         values = []
-        fallback = [w for w in works if w.parts is None]
+        fallback = [w for w in works if w.buckets is None]
         if fallback:
             values += self._fallback_step(fallback, grad_scale, found_inf)
         for work in works:
-            if work.parts is None:
+            if work.buckets is None:
                 continue
             coefs = self._coefficients(work.group)
             track = self.track_penalty and not coefs.is_zero()
             rows = coefs.group_dim == 0 and coefs.group_lasso != 0.0
-            for part in work.parts:
-                value = self._run(kernels, self._table(work, part, rows, kernels), part.dtype, work, coefs, track,
+            for bucket in work.buckets:
+                value = self._run(kernels, self._table(work, bucket, rows, kernels), bucket.dtype, work, coefs, track,
                                   grad_scale, found_inf)
                 if track:
                     values.append(value)
@@ -522,8 +522,8 @@ class SGD(_Fused, torch.optim.SGD):
         row[:] = [torch.empty_like(p, memory_format=torch.preserve_format) if b is None else b
                   for p, b in zip(work.params, row)]
         # Tables hold addresses: the new buffers need new ones, made once (this key has none).
-        for part in work.parts:
-            part.tables.clear()
+        for bucket in work.buckets:
+            bucket.tables.clear()
 
     def _after_fused(self, work: _Work, found_inf: Optional[Tensor]) -> None:
         if work.fresh is None:

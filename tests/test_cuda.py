@@ -232,9 +232,9 @@ def test_table_helpers_say_why_the_extension_is_unavailable(monkeypatch):
 
 
 def test_a_plan_lays_out_cuda_tables_with_the_kernels_limits(monkeypatch):
-    """A plan's CUDA group builds its table with the planner (plan.h), in the layout limits the
+    """A plan's CUDA bucket builds its table with the planner (plan.h), in the layout limits the
     extension reports, with the tensors' addresses, and keeps what the extension's
-    table_to_device returns (the device table) for the group's later calls."""
+    table_to_device returns (the device table) for the bucket's later calls."""
     planner = _build.planner()
     if planner is None:
         pytest.skip(f"the C++ planner is unavailable: {_build.cpu_unavailable_reason()}")
@@ -258,8 +258,8 @@ def test_a_plan_lays_out_cuda_tables_with_the_kernels_limits(monkeypatch):
     grads = [torch.randn_like(p) for p in params]
     extents = torch.tensor([[p.numel(), p.shape[0] if p.dim() >= 2 else 1] for p in params])
     device = torch.device("cuda", 0)
-    group = _plan.Group(backend=CUDA, device=device, dtype=torch.float32, positions=None, contiguous=True, extents=extents)
-    assert group.table(True, params, grads) == "device table" and group.tables[True] == "device table"
+    bucket = _plan.Bucket(backend=CUDA, device=device, dtype=torch.float32, positions=None, contiguous=True, extents=extents)
+    assert bucket.table(True, params, grads) == "device table" and bucket.tables[True] == "device table"
     (host, to), = moved
     assert to == device
     expected = planner.layout(extents, True, 2, 1024, 4)

@@ -86,7 +86,7 @@ def test_norms_keep_order_across_dtypes(backend):
     assert n.tensor_l2.tolist() == pytest.approx([3**0.5, 8**0.5, 6.0])
 
 
-def test_mixed_dtypes_are_grouped(backend):
+def test_mixed_dtypes_are_bucketed(backend):
     params = random_params([(5, 3)], torch.float32) + random_params([(4,)], torch.bfloat16, seed=1) + random_params([(6,)], torch.float64, seed=2)
     value = fastreg.penalty(params, l1=0.2, l2=0.3, group_lasso=0.1, backend=backend)
     assert value.dtype == torch.float64
@@ -225,7 +225,7 @@ def test_results_are_deterministic(backend):
         assert torch.equal(first, again)
 
 
-def test_penalty_backward_is_one_backend_call_per_group(monkeypatch):
+def test_penalty_backward_is_one_backend_call_per_bucket(monkeypatch):
     calls = []
     torch_backend = BACKENDS["torch"]
     original = torch_backend.penalty_backward

@@ -91,12 +91,13 @@ def _record_variants():
         acc = triton_table.ACCUMULATE[dtype]
         table = triton_table.Table(torch.zeros(64, dtype=torch.long), torch.device("cpu"), 2, 2, 2, 2, False, 12, 0)
         triton_norms.norms(table, dtype)
+        outs = [torch.empty(8, dtype=dtype)] * 2
         for reads in (triton_table.device_scalar, host_read):
             triton_grad.device_scalar = triton_decay.device_scalar = reads
             for l1, l2, gl in coefficients:
                 triton_norms.value(table, dtype, l1, l2, gl)
                 triton_grad.add_grad(table, dtype, l1, l2, gl)
-                triton_grad.penalty_backward(table, dtype, torch.tensor(1.5, dtype=acc), l1, l2, gl)
+                triton_grad.penalty_backward(table, dtype, torch.tensor(1.5, dtype=acc), l1, l2, gl, outs)
                 triton_decay.decay(table, dtype, 0.3, None, l1, l2, gl)
                 triton_decay.decay(table, dtype, 0.0, torch.tensor(0.3, dtype=acc), l1, l2, gl)
         triton_grad.device_scalar = triton_decay.device_scalar = triton_table.device_scalar

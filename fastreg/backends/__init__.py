@@ -16,7 +16,7 @@ from .reference import ReferenceBackend
 from .torch_backend import TorchBackend
 from .triton_backend import TritonBackend
 
-# `auto` takes the first usable, auto-eligible backend of this list for a (device, dtype) group:
+# `auto` takes the first usable, auto-eligible backend of this list for a (device, dtype) bucket:
 # the pure-PyTorch `torch` backend runs anywhere, so it is the fallback; the `reference` oracle
 # (last) is only used when asked for by name.
 _REGISTERED: Tuple[Backend, ...] = (TritonBackend(), CudaBackend(), CppBackend(), TorchBackend(), ReferenceBackend())

@@ -1,4 +1,4 @@
-"""The ``triton`` backend: multi-tensor Triton kernels, one launch for all tensors of a group.
+"""The ``triton`` backend: multi-tensor Triton kernels, one launch for all tensors of a bucket.
 
 The kernels (:mod:`fastreg.kernels`) read the work layout of ``csrc/plan.h``, the table the
 C++ planner builds. A plan keeps its table on the device (:meth:`TritonBackend.table_to_device`)
@@ -100,7 +100,7 @@ class TritonBackend(Backend):
     def add_grad_(self, params: List[Tensor], grads: List[Tensor], coefs: Coefficients) -> Tensor:
         args = (params, grads, coefs.l1, coefs.l2, coefs.group_lasso, coefs.group_dim)
         if torch.compiler.is_compiling():
-            return torch.ops.fastreg_triton.add_grad(*args)
+            return torch.ops.fastreg_triton.add_grad_(*args)
         return _kernels()[1].add_grad_of(*args)
 
     def decay_(self, params: List[Tensor], lr: LearningRate, coefs: Coefficients) -> None:
@@ -109,14 +109,12 @@ class TritonBackend(Backend):
         else:
             args = (params, float(lr), None, coefs.l1, coefs.l2, coefs.group_lasso, coefs.group_dim)
         if torch.compiler.is_compiling():
-            torch.ops.fastreg_triton.decay(*args)
+            torch.ops.fastreg_triton.decay_(*args)
         else:
             _kernels()[2].decay_of(*args)
 
     def penalty_backward(self, params: List[Tensor], grad_output: Tensor, coefs: Coefficients) -> List[Tensor]:
         args = (params, grad_output, coefs.l1, coefs.l2, coefs.group_lasso, coefs.group_dim)
         if torch.compiler.is_compiling():
-            flat = torch.ops.fastreg_triton.penalty_backward(*args)
-        else:
-            flat = _kernels()[1].penalty_backward_of(*args)
-        return [part.view(p.shape) for part, p in zip(flat.split([p.numel() for p in params]), params)]
+            return torch.ops.fastreg_triton.penalty_backward(*args)
+        return _kernels()[1].penalty_backward_of(*args)

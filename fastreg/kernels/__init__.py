@@ -1,6 +1,6 @@
 """Triton multi-tensor kernels behind fastreg's ``triton`` backend.
 
-One launch covers every tensor of a (device, dtype) group: programs find their work through the
+One launch covers every tensor of a (device, dtype) bucket: programs find their work through the
 work-layout table of ``csrc/plan.h`` (:mod:`.triton_table`), built by the C++ planner once per
 parameter list and read on the device. Kernel families, each with its kernels, launchers, ops
 over a table and ``torch.library`` custom ops (namespace ``fastreg_triton``) for compiled code:

@@ -105,7 +105,7 @@ def decay_of(params: List[Tensor], lr: float, lr_tensor: Optional[Tensor], l1: f
     staged.write_back(0)
 
 
-@torch.library.custom_op("fastreg_triton::decay", mutates_args=("params",))
+@torch.library.custom_op("fastreg_triton::decay_", mutates_args=("params",))
 def decay_op(
     params: List[Tensor],
     lr: float,

@@ -17,8 +17,9 @@ Launches:
   stores each group's scale and the value), then :func:`grad_kernel`, which reads its
   group's scale. Three launches; fusing them would need a grid-wide barrier.
 - penalty backward (``grad_output * dP/dw`` as new tensors): :func:`grad_kernel` writes one
-  flat buffer, each tensor at the element offset its table row 1 holds; the backend splits it
-  into views of the parameters' shapes. One launch, or three with group lasso.
+  new contiguous tensor per parameter, through their addresses passed beside the table (in
+  it they would key the table cache on every call's fresh outputs). One launch, or three
+  with group lasso.
 """
 from typing import List, Optional
 
@@ -57,7 +58,7 @@ def grad_kernel(
 ):
     """One work item: ``d = l1 * sign(w) + w * scale`` with ``scale = scales[g]`` (group
     lasso) or ``l2``, then ``g += d`` in place through pointer row 1, or (``TO_OUT``)
-    ``out[row 1 + i] = grad_output * d``, rounded once to ``DTYPE``. With ``SUMS``, also
+    ``= grad_output * d`` through the addresses in ``out``, rounded once to ``DTYPE``. With ``SUMS``, also
     each run's ``sum |w|`` and ``sum w^2`` into the workspace ``ws``."""
     if SUMS:
         if tl.program_id(0) == 0:
@@ -83,8 +84,8 @@ def launch_grad(
     out: Optional[Tensor] = None,
     grad_output=(None, 0),
 ) -> None:
-    """:func:`grad_kernel` over the table (row 1: the grads, or with ``out`` each tensor's
-    offset in it); ``ws``: the workspace to write sums to; ``grad_output``: ``(pointer,
+    """:func:`grad_kernel` over the table (row 1: the grads, or with ``out`` the addresses
+    of the outputs, one int64 per tensor on the table's device); ``ws``: the workspace to write sums to; ``grad_output``: ``(pointer,
     bits)`` from :func:`~.triton_table.device_scalar`."""
     go, go_bits = grad_output
     grad_kernel[(table.items,)](
@@ -128,17 +129,18 @@ def add_grad(table: Table, dtype: torch.dtype, l1: float, l2: float, group_lasso
 
 
 def penalty_backward(table: Table, dtype: torch.dtype, grad_output: Tensor, l1: float, l2: float,
-                     group_lasso: float) -> Tensor:
-    """``grad_output * dP/dw`` of every tensor of a table whose row 1 holds the tensors'
-    offsets in their concatenation, as that concatenation (flat, the parameters' dtype)."""
+                     group_lasso: float, outs: List[Tensor]) -> None:
+    """``outs[t] = grad_output * dP/dw_t`` for the tensors of a one-row table; ``outs``:
+    contiguous tensors of their shapes and dtype on the table's device."""
+    if not table.groups:
+        return
     with on_device(table):
-        out = torch.empty(table.numel, dtype=dtype, device=table.device)
-        if not table.groups:
-            return out
+        addresses = torch.tensor([t.data_ptr() for t in outs], dtype=torch.int64)
+        if table.device.type == "cuda":
+            addresses = addresses.pin_memory().to(table.device, non_blocking=True)
         go = device_scalar(grad_output, table, ACCUMULATE[dtype])
         scales = _group_scales(table, dtype, l1, l2, group_lasso, None) if group_lasso else None
-        launch_grad(table, dtype, l1, l2, group_lasso, scales, out=out, grad_output=go)
-    return out
+        launch_grad(table, dtype, l1, l2, group_lasso, scales, out=addresses, grad_output=go)
 
 
 # ---------------------------------------------------------------------------------------
@@ -159,14 +161,17 @@ def add_grad_of(params: List[Tensor], grads: List[Tensor], l1: float, l2: float,
 
 
 def penalty_backward_of(params: List[Tensor], grad_output: Tensor, l1: float, l2: float, group_lasso: float,
-                        group_dim: Optional[int]) -> Tensor:
-    """``grad_output * dP/dw`` of every tensor, concatenated flat in the parameters' dtype."""
+                        group_dim: Optional[int]) -> List[Tensor]:
+    """``grad_output * dP/dw_t`` of every tensor, each a new contiguous tensor of its shape."""
+    # one allocation each, not views of one buffer: a custom op's outputs may not alias
+    outs = [torch.empty(p.shape, dtype=p.dtype, device=p.device) for p in params]
     staged = Staged(params)
-    table = staged.table(rows=row_groups(group_lasso, group_dim), offsets=True)
-    return penalty_backward(table, params[0].dtype, grad_output, l1, l2, group_lasso)
+    table = staged.table(rows=row_groups(group_lasso, group_dim))
+    penalty_backward(table, params[0].dtype, grad_output, l1, l2, group_lasso, outs)
+    return outs
 
 
-@torch.library.custom_op("fastreg_triton::add_grad", mutates_args=("grads",))
+@torch.library.custom_op("fastreg_triton::add_grad_", mutates_args=("grads",))
 def add_grad_op(
     params: List[Tensor], grads: List[Tensor], l1: float, l2: float, group_lasso: float, group_dim: Optional[int]
 ) -> Tensor:
@@ -181,10 +186,10 @@ def _(params, grads, l1, l2, group_lasso, group_dim):
 @torch.library.custom_op("fastreg_triton::penalty_backward", mutates_args=())
 def penalty_backward_op(
     params: List[Tensor], grad_output: Tensor, l1: float, l2: float, group_lasso: float, group_dim: Optional[int]
-) -> Tensor:
+) -> List[Tensor]:
     return penalty_backward_of(params, grad_output, l1, l2, group_lasso, group_dim)
 
 
 @penalty_backward_op.register_fake
 def _(params, grad_output, l1, l2, group_lasso, group_dim):
-    return params[0].new_empty(sum(p.numel() for p in params))
+    return [p.new_empty(p.shape) for p in params]

@@ -265,8 +265,9 @@ def item_pass(
     HAS_GL: tl.constexpr, TO_OUT: tl.constexpr, DECAYED: tl.constexpr,
 ):
     """Work item ``program_id(0)`` of ``table``: :func:`block_step` over every run, reading
-    pointer row 0 and, for ``OP_GRAD``, writing row 1 (``TO_OUT``: row 1 holds each tensor's
-    element offset in the flat ``out``). ``scales[g]``: the per-group factor (``HAS_GL``).
+    pointer row 0 and, for ``OP_GRAD``, writing row 1 (``TO_OUT``: the addresses in ``out``,
+    one int64 per tensor, instead; the table stays one list, so it is cached whatever the
+    outputs' addresses). ``scales[g]``: the per-group factor (``HAS_GL``).
     With ``SUMS``, each run's ``sum |x|`` (``ABS``) and ``sum x^2`` go to the workspace
     ``ws``: ``ws[1 + slot]`` and ``ws[1 + groups + items + slot]``, where ``slot`` is the
     group for a whole group and ``groups + item`` for a piece of a split one."""
@@ -295,13 +296,11 @@ def item_pass(
         w_addr = tl.load(ptrs + tensor) + start * ES
         aligned = (w_addr % 16 == 0) & (length % VEC == 0)
         if OP == OP_GRAD:
-            d_word = tl.load(ptrs + num_tensors + tensor)
             if TO_OUT:
-                d_at = d_word + start
-                aligned = aligned & (d_at % VEC == 0)
+                d_addr = tl.load(out + tensor) + start * ES
             else:
-                d_addr = d_word + start * ES
-                aligned = aligned & (d_addr % 16 == 0)
+                d_addr = tl.load(ptrs + num_tensors + tensor) + start * ES
+            aligned = aligned & (d_addr % 16 == 0)
             if HAS_GL:
                 scale = tl.load(scales + g)
             else:
@@ -318,10 +317,7 @@ def item_pass(
             w = tl.multiple_of(((w_addr // 16) * 16).to(tl.pointer_type(DTYPE)), 16)
             d = w
             if OP == OP_GRAD:
-                if TO_OUT:
-                    d = out + (d_at // VEC) * VEC
-                else:
-                    d = tl.multiple_of(((d_addr // 16) * 16).to(tl.pointer_type(DTYPE)), 16)
+                d = tl.multiple_of(((d_addr // 16) * 16).to(tl.pointer_type(DTYPE)), 16)
             full = length // BLOCK
             b = 0
             while b < full:
@@ -341,10 +337,7 @@ def item_pass(
             w = w_addr.to(tl.pointer_type(DTYPE))
             d = w
             if OP == OP_GRAD:
-                if TO_OUT:
-                    d = out + d_at
-                else:
-                    d = d_addr.to(tl.pointer_type(DTYPE))
+                d = d_addr.to(tl.pointer_type(DTYPE))
             k = 0
             while k < length:
                 at = k + lanes
@@ -473,22 +466,17 @@ def _rows(t: Tensor) -> int:
     return t.shape[0] if t.dim() >= 2 else 1
 
 
-def build(lists: Sequence[Sequence[Tensor]], rows: bool, offsets: bool = False) -> Table:
+def build(lists: Sequence[Sequence[Tensor]], rows: bool) -> Table:
     """The planner's table of ``lists`` (equal-length lists of contiguous tensors, params
-    first) on their device. ``offsets``: a second row holding each tensor's element offset
-    in the concatenation of the params (where the penalty backward writes its flat result)."""
+    first) on their device."""
     planner = _build.planner()
     if planner is None:
         raise RuntimeError(f"fastreg's triton backend needs the C++ planner: {_build.cpu_unavailable_reason()}")
     params = lists[0]
     extents = torch.tensor([(t.numel(), _rows(t)) for t in params], dtype=torch.long).reshape(-1, 2)
-    host = planner.layout(extents, rows, len(lists) + int(offsets), CHUNK, MAX_GROUPS)
+    host = planner.layout(extents, rows, len(lists), CHUNK, MAX_GROUPS)
     for row, tensors in enumerate(lists):
         planner.set_ptrs(host, row, list(tensors))
-    if offsets:
-        numels = extents[:, 0]
-        at = HEADER_WORDS + len(lists) * len(params)
-        host[at:at + len(params)] = torch.cumsum(numels, 0) - numels
     return to_device(host, params[0].device)
 
 
@@ -503,13 +491,12 @@ class TableCache:
         self._tables: "collections.OrderedDict[tuple, Table]" = collections.OrderedDict()
         self._lock = threading.Lock()
 
-    def get(self, lists: Sequence[Sequence[Tensor]], rows: bool, offsets: bool = False, cache: bool = True) -> Table:
+    def get(self, lists: Sequence[Sequence[Tensor]], rows: bool, cache: bool = True) -> Table:
         params = lists[0]
         key = (
             params[0].device,
             params[0].dtype,
             rows,
-            offsets,
             CHUNK,
             MAX_GROUPS,
             tuple(Tensor.data_ptr(t) for lst in lists for t in lst),
@@ -522,7 +509,7 @@ class TableCache:
                 self._tables.move_to_end(key)
                 self.hits += 1
                 return table
-        table = build(lists, rows, offsets)
+        table = build(lists, rows)
         with self._lock:
             self.builds += 1
             if cache:
@@ -557,9 +544,9 @@ class Staged:
         else:
             self.lists = lists
 
-    def table(self, rows: bool, offsets: bool = False) -> Table:
+    def table(self, rows: bool) -> Table:
         """The table of the staged lists: cached unless it addresses fresh copies."""
-        return TABLES.get(self.lists, rows, offsets, cache=not self.copied)
+        return TABLES.get(self.lists, rows, cache=not self.copied)
 
     def write_back(self, which: int) -> None:
         """Copy the staged list ``which`` into the originals it stands in for."""
