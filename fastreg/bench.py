@@ -344,11 +344,16 @@ class AdamWStep(Task):
 
     def fastreg_cases(self, workload, setting, backend):
         params = workload.params
-        regularized = Regularized(self._adamw(params, setting, True), l1=setting.l1, mode="decoupled", backend=backend, track_penalty=False)
-        cases = [Case(f"fastreg[{backend}] Regularized(AdamW(fused))", self._stepper(regularized))]
+        def regularized(fuse: bool) -> Regularized:
+            return Regularized(self._adamw(params, setting, True), l1=setting.l1, mode="decoupled", backend=backend,
+                               track_penalty=False, fuse=fuse)
+
+        # With cpp, Regularized runs the fused kernel itself; fuse=False shows the composition.
+        cases = [Case(f"fastreg[{backend}] Regularized(AdamW(fused))", self._stepper(regularized(True)))]
         if backend == "cpp":
             fused = FusedAdamW(params, lr=setting.lr, weight_decay=setting.l2, l1=setting.l1, track_penalty=False)
-            cases.append(Case("fastreg.AdamW(l1) fused", self._stepper(fused)))
+            cases += [Case("fastreg[cpp] Regularized(AdamW(fused), fuse=False)", self._stepper(regularized(False))),
+                      Case("fastreg.AdamW(l1) fused", self._stepper(fused))]
         return cases
 
     def snapshot(self, workload):

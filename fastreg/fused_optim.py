@@ -27,7 +27,7 @@ from typing import Any, Callable, Dict, List, Optional, Tuple
 import torch
 from torch import Tensor
 
-from . import _build, _calls, _dispatch
+from . import _build, _calls, _dispatch, distributed
 from ._dispatch import Coefficients
 from .backends import get_backend
 
@@ -171,8 +171,18 @@ class _Fused:
 
     # -- the step -------------------------------------------------------------------------
     def _coefficients(self, group: Dict[str, Any]) -> Coefficients:
+        """The group's penalty: ``l1``, ``group_lasso`` and, as ``l2``, ``weight_decay``."""
         return Coefficients(l1=group["l1"], l2=_check_nonnegative("weight_decay", group["weight_decay"]),
                             group_lasso=group["group_lasso"], group_dim=group["group_dim"])
+
+    def _update_decay(self, group: Dict[str, Any]) -> float:
+        """The weight decay of torch's update (decoupled for AdamW, in the gradient otherwise)."""
+        return _check_nonnegative("weight_decay", group["weight_decay"])
+
+    def _prox_l2(self, coefs: Coefficients) -> float:
+        """The multiplicative decay ``w *= 1 - lr*l2`` applied before the update (none here; a
+        ``Regularized(mode="decoupled")`` step routed to this kernel has one)."""
+        return 0.0
 
     def _check_group(self, group: Dict[str, Any], index: int) -> None:
         """Everything a step reads from a group, checked before any group is written."""
@@ -433,8 +443,9 @@ class _AdamFused(_Fused):
         lr, lr_tensor = _lr_args(group["lr"])
         decoupled = bool(group.get("decoupled_weight_decay", isinstance(self, torch.optim.AdamW)))
         return kernels.adam_step_(table, dtype, lr, lr_tensor, float(beta1), float(beta2), float(group["eps"]),
-                                  coefs.l2, decoupled, bool(group["amsgrad"]), bool(group["maximize"]), grad_scale,
-                                  found_inf, coefs.l1, 0.0, coefs.group_lasso, coefs.l2, track)
+                                  self._update_decay(group), decoupled, bool(group["amsgrad"]), bool(group["maximize"]),
+                                  grad_scale, found_inf, coefs.l1, self._prox_l2(coefs), coefs.group_lasso, coefs.l2,
+                                  track)
 
 
 class AdamW(_AdamFused, torch.optim.AdamW):
@@ -538,8 +549,85 @@ class SGD(_Fused, torch.optim.SGD):
         group = work.group
         lr, lr_tensor = _lr_args(group["lr"])
         return kernels.sgd_step_(table, dtype, lr, lr_tensor, float(group["momentum"]), float(group["dampening"]),
-                                 coefs.l2, bool(group["nesterov"]), bool(group["maximize"]), work.fresh, grad_scale,
-                                 found_inf, coefs.l1, 0.0, coefs.group_lasso, coefs.l2, track)
+                                 self._update_decay(group), bool(group["nesterov"]), bool(group["maximize"]), work.fresh,
+                                 grad_scale, found_inf, coefs.l1, self._prox_l2(coefs), coefs.group_lasso, coefs.l2,
+                                 track)
 
 
-__all__ = ["Adam", "AdamW", "SGD"]
+class NotFused(Exception):
+    """A param group the fused kernel cannot step (no C++ extension, another device, a
+    ``capturable`` group, non-contiguous tensors): the caller runs the unfused composition."""
+
+
+class _Routed:
+    """``Regularized(optimizer, mode="decoupled")``'s step as one fused kernel: a view of the
+    wrapped torch optimizer (its ``param_groups`` and ``state`` themselves, read at every step)
+    whose terms are Regularized's: ``l2`` decays the weights before the update, ``l1`` and
+    ``group_lasso`` are the proximal maps after it, and the penalty is theirs alone; the torch
+    optimizer's own ``weight_decay`` stays in its update, as in the composition."""
+
+    def __init__(self, optimizer: torch.optim.Optimizer, group_dim: Optional[int], log: Dict[str, Optional[Tensor]]):
+        self._inner = optimizer
+        self._group_dim = group_dim
+        self._log = log
+        self._tables = None
+        self.track_penalty = True
+
+    @property
+    def param_groups(self) -> List[Dict[str, Any]]:
+        return self._inner.param_groups
+
+    @property
+    def state(self):
+        return self._inner.state
+
+    def _coefficients(self, group: Dict[str, Any]) -> Coefficients:
+        return Coefficients(l1=group["l1"], l2=group["l2"], group_lasso=group["group_lasso"], group_dim=self._group_dim)
+
+    def _prox_l2(self, coefs: Coefficients) -> float:
+        return coefs.l2
+
+    def _fallback_work(self, *args, **kwargs) -> _Work:
+        raise NotFused
+
+    def _check_grads(self, group: Dict[str, Any], index: int) -> None:
+        # Sharded params (DTensors) need global group norms: the composition's distributed ops.
+        if distributed.any_dtensor(group["params"]):
+            raise NotFused
+        super()._check_grads(group, index)
+
+    def fused_step(self, track_penalty: bool) -> None:
+        """One step of every param group, fused; raises :class:`NotFused`, before anything is
+        written, when a group cannot be."""
+        inner = self._inner
+        # Hooks of the inner optimizer, and wrappers put on its step (an LR scheduler built on
+        # it counts its steps that way), run only around its own step.
+        if inner._optimizer_step_pre_hooks or inner._optimizer_step_post_hooks or "step" in vars(inner):
+            raise NotFused
+        self.track_penalty = track_penalty
+        _Fused.step(self)
+
+
+class _RoutedAdamW(_Routed, AdamW):
+    pass
+
+
+class _RoutedAdam(_Routed, Adam):
+    pass
+
+
+class _RoutedSGD(_Routed, SGD):
+    pass
+
+
+_ROUTES = {torch.optim.AdamW: _RoutedAdamW, torch.optim.Adam: _RoutedAdam, torch.optim.SGD: _RoutedSGD}
+
+
+def routed(optimizer: torch.optim.Optimizer, group_dim: Optional[int], log: Dict[str, Optional[Tensor]]) -> Optional[_Routed]:
+    """The fused step of ``Regularized(optimizer, mode="decoupled")`` when ``optimizer`` is
+    exactly torch's AdamW, Adam or SGD (a subclass may change the update); else None."""
+    route = _ROUTES.get(type(optimizer))
+    return None if route is None else route(optimizer, group_dim, log)
+
+
+__all__ = ["Adam", "AdamW", "NotFused", "SGD"]

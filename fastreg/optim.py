@@ -1,6 +1,7 @@
 """``Regularized``: wrap any ``torch.optim.Optimizer`` so each step also applies the penalty."""
 from __future__ import annotations
 
+import os
 import warnings
 from collections import OrderedDict
 from typing import Any, Callable, Dict, List, NamedTuple, Optional
@@ -8,7 +9,7 @@ from typing import Any, Callable, Dict, List, NamedTuple, Optional
 import torch
 from torch import Tensor
 
-from . import _calls, _dispatch
+from . import _calls, _dispatch, fused_optim
 from ._dispatch import Coefficients
 
 MODES = ("coupled", "decoupled")
@@ -47,6 +48,13 @@ class Regularized(torch.optim.Optimizer):
         track_penalty: keep ``P`` of the weights each step starts from in
             :attr:`last_penalty` (a tensor: no host sync). Free in coupled mode; in
             decoupled mode it costs one extra read of the weights, so it can be switched off.
+        fuse: in decoupled mode over ``torch.optim.AdamW``, ``Adam`` or ``SGD`` (exactly those
+            classes, with no step hooks of their own), run each step as one fused C++ kernel on
+            CPU where the ``cpp`` backend can: the decay, torch's update and the proximal maps
+            in one pass over the weights, gradients and state (see :attr:`fused`). Its update is
+            torch's fused CPU kernel's, operation for operation: bit for bit the composition
+            over ``fused=True`` optimizers, within an ulp per step of torch's default
+            implementation. ``False`` always runs the composition.
 
     With a closure (LBFGS), coupled mode adds the penalty's gradient after every
     evaluation and returns ``loss + P`` to the inner optimizer, so its line search sees
@@ -69,6 +77,7 @@ class Regularized(torch.optim.Optimizer):
         group_dim: Optional[int] = None,
         backend: Optional[str] = None,
         track_penalty: bool = True,
+        fuse: bool = True,
     ) -> None:
         if not isinstance(optimizer, torch.optim.Optimizer):
             raise TypeError(f"optimizer must be a torch.optim.Optimizer, got {type(optimizer).__name__}")
@@ -86,7 +95,9 @@ class Regularized(torch.optim.Optimizer):
         self.regularization_defaults = {key: getattr(coefs, key) for key in COEFFICIENT_KEYS}
         # A dict rather than an attribute: torch.compile drops attribute assignments made on
         # an Optimizer inside a compiled step (torch 2.13), but replays mutations of a dict.
-        self._log: Dict[str, Optional[Tensor]] = {"last_penalty": None}
+        self._log: Dict[str, Any] = {"last_penalty": None, "fused": False}
+        self.fuse = bool(fuse)
+        self._routed = None
         # What torch.optim.Optimizer.__init__ creates; its params logic is the inner optimizer's.
         self._optimizer_step_pre_hooks = OrderedDict()
         self._optimizer_step_post_hooks = OrderedDict()
@@ -134,10 +145,15 @@ class Regularized(torch.optim.Optimizer):
         self.optimizer.defaults = value
 
     def __getstate__(self) -> Dict[str, Any]:
-        return self.__dict__.copy()
+        state = self.__dict__.copy()
+        state["_routed"] = None  # holds cached tables (addresses): rebuilt on the first step
+        return state
 
     def __setstate__(self, state: Dict[str, Any]) -> None:
         self.__dict__.update(state)
+        self.__dict__.setdefault("_routed", None)
+        self.__dict__.setdefault("fuse", True)
+        self._log.setdefault("fused", False)
         self._patch_step_function()
 
     def __repr__(self) -> str:
@@ -226,6 +242,8 @@ class Regularized(torch.optim.Optimizer):
                 return self.optimizer.step()
             return self.optimizer.step(self._coupled_closure(closure))
         if closure is None:
+            if self._fused_step():
+                return None
             parts = self._decay_before()
             loss = self.optimizer.step()
         else:
@@ -235,6 +253,35 @@ class Regularized(torch.optim.Optimizer):
             parts = prepared[0] if prepared else self._prepare(writes_params=True)
         self._prox_after(parts)
         return loss
+
+    def _fused_step(self) -> bool:
+        """Decoupled mode over torch's AdamW, Adam or SGD with the ``cpp`` kernels: the decay,
+        the inner update and the proximal maps (and the penalty) in one fused pass per
+        (dtype) bucket, the same arithmetic as the composition. False, with nothing written,
+        where that cannot run; the composition does."""
+        if torch.compiler.is_compiling():
+            return False  # the compiled graph holds fastreg's custom ops; the kernel is not one
+        self._log["fused"] = False
+        backend = self.backend or os.environ.get(_dispatch.BACKEND_ENV, "auto")
+        if not self.fuse or backend not in ("auto", "cpp"):
+            return False
+        if self._routed is None:
+            self._routed = fused_optim.routed(self.optimizer, self.group_dim, self._log) or False
+        if self._routed is False:
+            return False
+        try:
+            self._routed.fused_step(self.track_penalty)
+        except fused_optim.NotFused:
+            return False
+        self._log["fused"] = True
+        return True
+
+    @property
+    def fused(self) -> bool:
+        """Whether the last step ran as one fused kernel (decoupled mode over torch's AdamW, Adam
+        or SGD on CPU with the C++ extension) rather than the composition of fastreg's decay
+        and the inner optimizer's own step; both compute the same update."""
+        return bool(self._log.get("fused"))
 
     def _coupled_closure(self, closure: Callable[[], Any]) -> Callable[[], Any]:
         def regularized_closure():

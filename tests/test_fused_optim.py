@@ -77,11 +77,13 @@ def build(name, params, ours=True, **options):
     return (OURS if ours else THEIRS)[name](params, **options)
 
 
-def regularized(name, params, l1, group_lasso, group_dim, **options):
+def regularized(name, params, l1, group_lasso, group_dim, l2=0.0, fuse=False, **options):
+    """``Regularized(torch optimizer, mode="decoupled")``: the composition (the oracle), or with
+    ``fuse`` its step routed to the fused kernel."""
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)  # the inner optimizer's own weight_decay is intended
-        return fastreg.Regularized(build(name, params, ours=False, **options), l1=l1, group_lasso=group_lasso,
-                                   group_dim=group_dim, mode="decoupled")
+        return fastreg.Regularized(build(name, params, ours=False, **options), l1=l1, l2=l2, group_lasso=group_lasso,
+                                   group_dim=group_dim, mode="decoupled", fuse=fuse)
 
 
 def assert_equal_lists(a, b):
@@ -254,6 +256,54 @@ def test_matches_regularized_decoupled_in_float64(path):
         ours.step()
         theirs.step()
     assert_equal_lists(ours_params, theirs_params)
+
+
+@pytest.mark.parametrize("name, options", [(n, o) for n, o in CASES if o.get("betas") is None])
+@pytest.mark.parametrize("l2", [0.0, 0.5])
+def test_regularized_decoupled_step_is_routed_to_the_fused_kernel(path, name, options, l2):
+    """Regularized over torch's own optimizer runs the fused kernel (its l2 as a decay before the
+    update, beside the optimizer's own weight_decay): the composition's weights, zeros, state
+    and penalty, bit for bit."""
+    routed_params = make_params(torch.float32)
+    composed_params = twin(routed_params)
+    routed = regularized(name, routed_params, 3e-1, 2.0, 0, l2=l2, fuse=True, **options)
+    composed = regularized(name, composed_params, 3e-1, 2.0, 0, l2=l2, fused=path == "fused", **options)
+    for step in range(5):
+        set_grads(step, routed_params, composed_params)
+        routed.step()
+        composed.step()
+        assert routed.fused == (path == "fused") and not composed.fused
+        assert torch.equal(routed.last_penalty, composed.last_penalty)
+    assert_equal_lists(routed_params, composed_params)
+    assert sum(int((p == 0).sum()) for p in routed_params) > 0
+    assert_same_state(routed.optimizer, composed.optimizer)
+
+
+def test_regularized_steps_that_are_not_routed(path):
+    """The composition runs, unchanged, where the fused kernel would not be the same step."""
+    params = make_params()
+    cases = {
+        "coupled mode": fastreg.Regularized(torch.optim.AdamW(twin(params)), l1=0.1),
+        "torch backend": fastreg.Regularized(torch.optim.AdamW(twin(params)), l1=0.1, mode="decoupled", backend="torch"),
+        "subclass": fastreg.Regularized(type("Mine", (torch.optim.AdamW,), {})(twin(params)), l1=0.1, mode="decoupled"),
+        "step hook": fastreg.Regularized(torch.optim.AdamW(twin(params)), l1=0.1, mode="decoupled"),
+        "scheduler on the inner optimizer": fastreg.Regularized(torch.optim.AdamW(twin(params)), l1=0.1, mode="decoupled"),
+        "non-contiguous": fastreg.Regularized(torch.optim.AdamW([torch.randn(8, 6).t().requires_grad_()]), l1=0.1,
+                                              mode="decoupled"),
+    }
+    calls = []
+    cases["step hook"].optimizer.register_step_pre_hook(lambda *args: calls.append(1))
+    torch.optim.lr_scheduler.StepLR(cases["scheduler on the inner optimizer"].optimizer, step_size=1)
+    for name, optimizer in cases.items():
+        for p in optimizer.param_groups[0]["params"]:
+            p.grad = torch.ones_like(p)
+        optimizer.step()
+        assert not optimizer.fused, name
+    assert calls == [1]
+    closure_run = fastreg.Regularized(torch.optim.AdamW(twin(params)), l1=0.1, mode="decoupled")
+    set_grads(0, closure_run.param_groups[0]["params"])
+    closure_run.step(lambda: torch.zeros(()))
+    assert not closure_run.fused
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
