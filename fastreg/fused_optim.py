@@ -604,6 +604,11 @@ class _Routed:
         # it counts its steps that way), run only around its own step.
         if inner._optimizer_step_pre_hooks or inner._optimizer_step_post_hooks or "step" in vars(inner):
             raise NotFused
+        # The kernel is torch's fused implementation, operation for operation: only where that
+        # is the one asked for does routing leave every update as it was (unregularized params
+        # included; torch's default implementation rounds some differently, by an ulp).
+        if not all(group.get("fused") for group in inner.param_groups):
+            raise NotFused
         self.track_penalty = track_penalty
         _Fused.step(self)
 
@@ -625,7 +630,8 @@ _ROUTES = {torch.optim.AdamW: _RoutedAdamW, torch.optim.Adam: _RoutedAdam, torch
 
 def routed(optimizer: torch.optim.Optimizer, group_dim: Optional[int], log: Dict[str, Optional[Tensor]]) -> Optional[_Routed]:
     """The fused step of ``Regularized(optimizer, mode="decoupled")`` when ``optimizer`` is
-    exactly torch's AdamW, Adam or SGD (a subclass may change the update); else None."""
+    exactly torch's AdamW, Adam or SGD (a subclass may change the update) with ``fused=True``
+    groups; else None."""
     route = _ROUTES.get(type(optimizer))
     return None if route is None else route(optimizer, group_dim, log)
 

@@ -48,13 +48,14 @@ class Regularized(torch.optim.Optimizer):
         track_penalty: keep ``P`` of the weights each step starts from in
             :attr:`last_penalty` (a tensor: no host sync). Free in coupled mode; in
             decoupled mode it costs one extra read of the weights, so it can be switched off.
-        fuse: in decoupled mode over ``torch.optim.AdamW``, ``Adam`` or ``SGD`` (exactly those
-            classes, with no step hooks of their own), run each step as one fused C++ kernel on
-            CPU where the ``cpp`` backend can: the decay, torch's update and the proximal maps
-            in one pass over the weights, gradients and state (see :attr:`fused`). Its update is
-            torch's fused CPU kernel's, operation for operation: bit for bit the composition
-            over ``fused=True`` optimizers, within an ulp per step of torch's default
-            implementation. ``False`` always runs the composition.
+        fuse: in decoupled mode over ``torch.optim.AdamW``, ``Adam`` or ``SGD`` created with
+            ``fused=True`` (exactly those classes, with no step hooks of their own), run each
+            step as one fused C++ kernel on CPU where the ``cpp`` backend can: the decay,
+            torch's update and the proximal maps in one pass over the weights, gradients and
+            state (see :attr:`fused`). Its update is torch's fused CPU kernel's, operation for
+            operation, so the step is the composition's, bit for bit (but for an ulp in the
+            last elements of a tensor whose size is not a multiple of the vector width, which
+            torch's kernel computes in scalar code). ``False`` always runs the composition.
 
     With a closure (LBFGS), coupled mode adds the penalty's gradient after every
     evaluation and returns ``loss + P`` to the inner optimizer, so its line search sees
@@ -255,7 +256,7 @@ class Regularized(torch.optim.Optimizer):
         return loss
 
     def _fused_step(self) -> bool:
-        """Decoupled mode over torch's AdamW, Adam or SGD with the ``cpp`` kernels: the decay,
+        """Decoupled mode over torch's fused AdamW, Adam or SGD with the ``cpp`` kernels: the decay,
         the inner update and the proximal maps (and the penalty) in one fused pass per
         (dtype) bucket, the same arithmetic as the composition. False, with nothing written,
         where that cannot run; the composition does."""
@@ -279,8 +280,8 @@ class Regularized(torch.optim.Optimizer):
     @property
     def fused(self) -> bool:
         """Whether the last step ran as one fused kernel (decoupled mode over torch's AdamW, Adam
-        or SGD on CPU with the C++ extension) rather than the composition of fastreg's decay
-        and the inner optimizer's own step; both compute the same update."""
+        or SGD with ``fused=True``, on CPU with the C++ extension) rather than the composition
+        of fastreg's decay and the inner optimizer's own step; both compute the same update."""
         return bool(self._log.get("fused"))
 
     def _coupled_closure(self, closure: Callable[[], Any]) -> Callable[[], Any]:

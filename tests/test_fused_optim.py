@@ -261,13 +261,14 @@ def test_matches_regularized_decoupled_in_float64(path):
 @pytest.mark.parametrize("name, options", [(n, o) for n, o in CASES if o.get("betas") is None])
 @pytest.mark.parametrize("l2", [0.0, 0.5])
 def test_regularized_decoupled_step_is_routed_to_the_fused_kernel(path, name, options, l2):
-    """Regularized over torch's own optimizer runs the fused kernel (its l2 as a decay before the
-    update, beside the optimizer's own weight_decay): the composition's weights, zeros, state
-    and penalty, bit for bit."""
+    """Regularized over torch's own fused optimizer runs the fused kernel (its l2 as a decay
+    before the update, beside the optimizer's own weight_decay): the composition's weights,
+    zeros, state and penalty, bit for bit."""
     routed_params = make_params(torch.float32)
     composed_params = twin(routed_params)
-    routed = regularized(name, routed_params, 3e-1, 2.0, 0, l2=l2, fuse=True, **options)
-    composed = regularized(name, composed_params, 3e-1, 2.0, 0, l2=l2, fused=path == "fused", **options)
+    fused = path == "fused"  # the fallback: torch's default step in both
+    routed = regularized(name, routed_params, 3e-1, 2.0, 0, l2=l2, fuse=True, fused=fused, **options)
+    composed = regularized(name, composed_params, 3e-1, 2.0, 0, l2=l2, fused=fused, **options)
     for step in range(5):
         set_grads(step, routed_params, composed_params)
         routed.step()
@@ -282,14 +283,19 @@ def test_regularized_decoupled_step_is_routed_to_the_fused_kernel(path, name, op
 def test_regularized_steps_that_are_not_routed(path):
     """The composition runs, unchanged, where the fused kernel would not be the same step."""
     params = make_params()
+
+    def adamw(tensors, cls=torch.optim.AdamW, fused=True):
+        return cls(tensors, fused=fused)
+
     cases = {
-        "coupled mode": fastreg.Regularized(torch.optim.AdamW(twin(params)), l1=0.1),
-        "torch backend": fastreg.Regularized(torch.optim.AdamW(twin(params)), l1=0.1, mode="decoupled", backend="torch"),
-        "subclass": fastreg.Regularized(type("Mine", (torch.optim.AdamW,), {})(twin(params)), l1=0.1, mode="decoupled"),
-        "step hook": fastreg.Regularized(torch.optim.AdamW(twin(params)), l1=0.1, mode="decoupled"),
-        "scheduler on the inner optimizer": fastreg.Regularized(torch.optim.AdamW(twin(params)), l1=0.1, mode="decoupled"),
-        "non-contiguous": fastreg.Regularized(torch.optim.AdamW([torch.randn(8, 6).t().requires_grad_()]), l1=0.1,
-                                              mode="decoupled"),
+        "torch's default implementation": fastreg.Regularized(adamw(twin(params), fused=None), l1=0.1, mode="decoupled"),
+        "coupled mode": fastreg.Regularized(adamw(twin(params)), l1=0.1),
+        "torch backend": fastreg.Regularized(adamw(twin(params)), l1=0.1, mode="decoupled", backend="torch"),
+        "subclass": fastreg.Regularized(adamw(twin(params), type("Mine", (torch.optim.AdamW,), {})), l1=0.1,
+                                        mode="decoupled"),
+        "step hook": fastreg.Regularized(adamw(twin(params)), l1=0.1, mode="decoupled"),
+        "scheduler on the inner optimizer": fastreg.Regularized(adamw(twin(params)), l1=0.1, mode="decoupled"),
+        "non-contiguous": fastreg.Regularized(adamw([torch.randn(8, 6).t().requires_grad_()]), l1=0.1, mode="decoupled"),
     }
     calls = []
     cases["step hook"].optimizer.register_step_pre_hook(lambda *args: calls.append(1))
@@ -300,10 +306,14 @@ def test_regularized_steps_that_are_not_routed(path):
         optimizer.step()
         assert not optimizer.fused, name
     assert calls == [1]
-    closure_run = fastreg.Regularized(torch.optim.AdamW(twin(params)), l1=0.1, mode="decoupled")
+    closure_run = fastreg.Regularized(adamw(twin(params)), l1=0.1, mode="decoupled")
     set_grads(0, closure_run.param_groups[0]["params"])
     closure_run.step(lambda: torch.zeros(()))
     assert not closure_run.fused
+    routed = fastreg.Regularized(adamw(twin(params)), l1=0.1, mode="decoupled")
+    set_grads(0, routed.param_groups[0]["params"])
+    routed.step()
+    assert routed.fused == (path == "fused")
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
