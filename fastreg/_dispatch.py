@@ -21,7 +21,7 @@ SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 BACKEND_ENV = "FASTREG_BACKEND"
 
 TensorOrTensors = Union[Tensor, Iterable[Tensor]]
-Bucket = Tuple[torch.device, torch.dtype, List[int]]
+BucketIndices = Tuple[torch.device, torch.dtype, List[int]]
 
 
 def check_coefficient(name: str, value) -> float:
@@ -215,7 +215,7 @@ def grads_of(tensors: Sequence[Tensor], name: str = "params") -> Tuple[List[Tens
     return with_grad, grads, indices
 
 
-def split(tensors: Sequence[Tensor]) -> List[Bucket]:
+def split(tensors: Sequence[Tensor]) -> List[BucketIndices]:
     """(device, dtype, indices) buckets in order of first appearance."""
     buckets = {}
     for i, t in enumerate(tensors):
@@ -236,11 +236,17 @@ def _unavailable_reason(name: str, device: torch.device, dtype: torch.dtype) -> 
     return get_backend(name).unavailable_reason(device, dtype)
 
 
+def requested_backend(name: Optional[str]) -> Tuple[str, str]:
+    """The backend name a call asks for (``name``, else ``FASTREG_BACKEND``, else ``auto``),
+    and where it came from, for error messages."""
+    if name is None:
+        return os.environ.get(BACKEND_ENV, "auto"), BACKEND_ENV
+    return name, "backend"
+
+
 def backend_for(name: Optional[str], device: torch.device, dtype: torch.dtype) -> Backend:
     """The backend named by the call, else by ``FASTREG_BACKEND``, else ``auto``'s choice."""
-    origin = "backend"
-    if name is None:
-        name, origin = os.environ.get(BACKEND_ENV, "auto"), BACKEND_ENV
+    name, origin = requested_backend(name)
     if not isinstance(name, str):
         raise TypeError(f"backend must be a string, got {type(name).__name__}")
     if name == "auto":

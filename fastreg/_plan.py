@@ -30,7 +30,6 @@ from __future__ import annotations
 import collections
 import dataclasses
 import operator
-import os
 import threading
 from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
@@ -302,9 +301,7 @@ def plan(tensors: List[Tensor], backend: Optional[str], kind: int, name: str = "
     """The plan of a call of ``kind`` over ``tensors`` (a list) with ``backend`` (a name, or None
     for ``FASTREG_BACKEND`` / ``auto``): cached, or built and cached. ``devices``: the tensors
     may span devices (an optimizer's param group); a functional call refuses that."""
-    origin = "backend"
-    if backend is None:
-        backend, origin = os.environ.get(_dispatch.BACKEND_ENV, "auto"), _dispatch.BACKEND_ENV
+    backend, origin = _dispatch.requested_backend(backend)
     _dispatch.check_backend_name(backend, origin)
     if torch.compiler.is_compiling():
         return _python_plan(kind, name, tensors, backend, devices)

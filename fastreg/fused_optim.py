@@ -566,9 +566,10 @@ class _Routed:
     ``group_lasso`` are the proximal maps after it, and the penalty is theirs alone; the torch
     optimizer's own ``weight_decay`` stays in its update, as in the composition."""
 
-    def __init__(self, optimizer: torch.optim.Optimizer, group_dim: Optional[int], log: Dict[str, Optional[Tensor]]):
+    def __init__(self, optimizer: torch.optim.Optimizer, coefficients: Callable[[Dict[str, Any]], Coefficients],
+                 log: Dict[str, Any]):
         self._inner = optimizer
-        self._group_dim = group_dim
+        self._coefficients_of = coefficients
         self._log = log
         self._tables = None
         self.track_penalty = True
@@ -582,7 +583,8 @@ class _Routed:
         return self._inner.state
 
     def _coefficients(self, group: Dict[str, Any]) -> Coefficients:
-        return Coefficients(l1=group["l1"], l2=group["l2"], group_lasso=group["group_lasso"], group_dim=self._group_dim)
+        return self._coefficients_of(group)
+
 
     def _prox_l2(self, coefs: Coefficients) -> float:
         return coefs.l2
@@ -609,6 +611,10 @@ class _Routed:
         # included; torch's default implementation rounds some differently, by an ulp).
         if not all(group.get("fused") for group in inner.param_groups):
             raise NotFused
+        # Regularized's own check of its keys, as its composition makes it: before anything
+        # (state included) is touched.
+        for group in inner.param_groups:
+            self._coefficients(group)
         self.track_penalty = track_penalty
         _Fused.step(self)
 
@@ -628,12 +634,13 @@ class _RoutedSGD(_Routed, SGD):
 _ROUTES = {torch.optim.AdamW: _RoutedAdamW, torch.optim.Adam: _RoutedAdam, torch.optim.SGD: _RoutedSGD}
 
 
-def routed(optimizer: torch.optim.Optimizer, group_dim: Optional[int], log: Dict[str, Optional[Tensor]]) -> Optional[_Routed]:
+def routed(optimizer: torch.optim.Optimizer, coefficients: Callable[[Dict[str, Any]], Coefficients],
+           log: Dict[str, Any]) -> Optional[_Routed]:
     """The fused step of ``Regularized(optimizer, mode="decoupled")`` when ``optimizer`` is
     exactly torch's AdamW, Adam or SGD (a subclass may change the update) with ``fused=True``
-    groups; else None."""
+    groups; else None. ``coefficients``: Regularized's terms of a param group, checked."""
     route = _ROUTES.get(type(optimizer))
-    return None if route is None else route(optimizer, group_dim, log)
+    return None if route is None else route(optimizer, coefficients, log)
 
 
 __all__ = ["Adam", "AdamW", "NotFused", "SGD"]

@@ -1,7 +1,6 @@
 """``Regularized``: wrap any ``torch.optim.Optimizer`` so each step also applies the penalty."""
 from __future__ import annotations
 
-import os
 import warnings
 from collections import OrderedDict
 from typing import Any, Callable, Dict, List, NamedTuple, Optional
@@ -263,11 +262,10 @@ class Regularized(torch.optim.Optimizer):
         if torch.compiler.is_compiling():
             return False  # the compiled graph holds fastreg's custom ops; the kernel is not one
         self._log["fused"] = False
-        backend = self.backend or os.environ.get(_dispatch.BACKEND_ENV, "auto")
-        if not self.fuse or backend not in ("auto", "cpp"):
+        if not self.fuse or _dispatch.requested_backend(self.backend)[0] not in ("auto", "cpp"):
             return False
         if self._routed is None:
-            self._routed = fused_optim.routed(self.optimizer, self.group_dim, self._log) or False
+            self._routed = fused_optim.routed(self.optimizer, self._coefficients, self._log) or False
         if self._routed is False:
             return False
         try:

@@ -316,6 +316,21 @@ def test_regularized_steps_that_are_not_routed(path):
     assert routed.fused == (path == "fused")
 
 
+def test_routed_step_with_a_bad_later_group_writes_nothing(path):
+    """A routed step checks Regularized's keys of every group, as the composition does, before
+    the first group is written."""
+    params = make_params()
+    inner = torch.optim.AdamW([{"params": params[:2]}, {"params": params[2:]}], weight_decay=0.0, fused=True)
+    optimizer = fastreg.Regularized(inner, l1=0.1, l2=0.1, mode="decoupled")
+    set_grads(0, params)
+    optimizer.param_groups[1]["l2"] = -1.0
+    before = [p.detach().clone() for p in params]
+    with pytest.raises(ValueError, match="l2"):
+        optimizer.step()
+    assert_equal_lists(params, before)
+    assert not optimizer.state
+
+
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_reduced_precision_rounds_once(dtype):
     """bf16 / fp16 weights: the fused step keeps the updated weight in fp32 through the soft
