@@ -13,6 +13,12 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstring>
+#include <type_traits>
+
+#if defined(CPU_CAPABILITY_AVX2)
+#include <immintrin.h>
+#endif
 #include <optional>
 #include <vector>
 
@@ -66,19 +72,90 @@ struct Block {
     }
   }
 
-  // The last, partial block of a range goes through a zero-padded buffer, so no load or store
-  // touches memory past the range.
+  // Copies n < kSize elements in pieces of kSize / 2, kSize / 4, ..., 1 (the binary digits of
+  // n): each piece is a fixed-size copy the compiler inlines, where a copy of n elements would be
+  // a call to memmove, which on tensors of a few elements cost more than the arithmetic.
+  static void copy_short(scalar_t* dst, const scalar_t* src, int64_t n) {
+    static_assert((kSize & (kSize - 1)) == 0, "the pieces cover every n < kSize only for a power of two");
+    int64_t k = 0;
+    copy_pieces<kSize / 2>(dst, src, n, k);
+  }
+
+  template <int64_t kPiece>
+  static void copy_pieces(scalar_t* dst, const scalar_t* src, int64_t n, int64_t& k) {
+    if (n - k >= kPiece) {
+      std::memcpy(dst + k, src + k, kPiece * sizeof(scalar_t));
+      k += kPiece;
+    }
+    if constexpr (kPiece > 1) {
+      copy_pieces<kPiece / 2>(dst, src, n, k);
+    }
+  }
+
+  // The last, partial block of a range: no load or store touches memory past the range, and the
+  // lanes past it read as zeros. fp32 and fp64 use AVX2's masked loads and stores; other types go
+  // through a zero-padded buffer, whose vector loads wait for the element stores before them
+  // (no store forwarding across stores), which on tensors of a few elements costs more than the
+  // arithmetic.
   static Regs load_tail(const scalar_t* p, int64_t n) {
+#if defined(CPU_CAPABILITY_AVX2)
+    if constexpr (kMasked) {
+      Regs r;
+      for (int j = 0; j < kVecs; ++j) {
+        const int64_t live = n - j * kLanes;
+        r.v[j] = live <= 0 ? Vec(acc_t(0)) : masked_load(p + j * kLanes, lanes_below(live));
+      }
+      return r;
+    }
+#endif
     scalar_t buf[kSize] = {};
-    std::copy_n(p, n, buf);
+    copy_short(buf, p, n);
     return load(buf);
   }
 
   static void store_tail(scalar_t* p, int64_t n, const Regs& r) {
+#if defined(CPU_CAPABILITY_AVX2)
+    if constexpr (kMasked) {
+      for (int j = 0; j < kVecs && n - j * kLanes > 0; ++j) {
+        masked_store(p + j * kLanes, lanes_below(n - j * kLanes), r.v[j]);
+      }
+      return;
+    }
+#endif
     scalar_t buf[kSize];
     store(buf, r);
-    std::copy_n(buf, n, p);
+    copy_short(p, buf, n);
   }
+
+  static constexpr bool kMasked = std::is_same_v<scalar_t, float> || std::is_same_v<scalar_t, double>;
+
+#if defined(CPU_CAPABILITY_AVX2)
+  // All ones in the lanes below `live` (at least 1).
+  static __m256i lanes_below(int64_t live) {
+    if constexpr (std::is_same_v<scalar_t, double>) {
+      return _mm256_cmpgt_epi64(_mm256_set1_epi64x(live), _mm256_setr_epi64x(0, 1, 2, 3));
+    } else {
+      const int32_t clamped = static_cast<int32_t>(std::min<int64_t>(live, kLanes));
+      return _mm256_cmpgt_epi32(_mm256_set1_epi32(clamped), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
+    }
+  }
+
+  static Vec masked_load(const scalar_t* p, __m256i mask) {
+    if constexpr (std::is_same_v<scalar_t, double>) {
+      return Vec(_mm256_maskload_pd(p, mask));
+    } else {
+      return Vec(_mm256_maskload_ps(p, mask));
+    }
+  }
+
+  static void masked_store(scalar_t* p, __m256i mask, const Vec& v) {
+    if constexpr (std::is_same_v<scalar_t, double>) {
+      _mm256_maskstore_pd(p, mask, v);
+    } else {
+      _mm256_maskstore_ps(p, mask, v);
+    }
+  }
+#endif
 
   // Zeroes the lanes at and after `n`: a transform may turn padding into NaN (0 * inf when a
   // learning-rate tensor holds inf), and padding must add nothing to a sum.
@@ -280,16 +357,36 @@ void for_each_item(const View& layout, const F& process) {
   });
 }
 
+// How far ahead of the group being computed a packed item prefetches.
+constexpr int64_t kPrefetchGroups = 6;
+
 // Calls f(tensor, first element, element count, group, split) for the runs of item i that share
-// one group: the one piece of a split group, or each of its whole groups.
+// one group: the one piece of a split group, or each of its whole groups. The groups of a packed
+// item are short: often whole tensors of a few elements, each at an address of its own that the
+// hardware prefetcher cannot guess, and too little work each for the core to run far enough
+// ahead to overlap their cache misses (10,000 tensors of 4 elements: 45 ns per tensor without
+// this, 28 with it). So every pointer row's first line of the tensor of the group
+// kPrefetchGroups ahead is prefetched; for rows of one tensor that line is already there, and
+// the rows after it are sequential.
 template <typename F>
 void for_each_run(const View& layout, int64_t i, const F& f) {
   const int64_t* item = layout.item(i);
-  for (int64_t g = item[plan::kItemGroup]; g < item[plan::kItemGroupEnd]; ++g) {
+  const int64_t end = item[plan::kItemGroupEnd];
+  // Read once: f writes memory the compiler cannot tell apart from the table's.
+  const int64_t lists = layout.lists();
+  const int64_t tensors = layout.num_tensors();
+  const int64_t* ptrs = layout.ptrs();
+  for (int64_t g = item[plan::kItemGroup]; g < end; ++g) {
     const int64_t* group = layout.group(g);
     if (layout.split(g)) {
       f(group[plan::kGroupTensor], group[plan::kGroupStart] + item[plan::kItemOffset], item[plan::kItemLen], g, true);
     } else {
+      if (g + kPrefetchGroups < end) {
+        const int64_t ahead = layout.group(g + kPrefetchGroups)[plan::kGroupTensor];
+        for (int64_t list = 0; list < lists; ++list) {
+          __builtin_prefetch(reinterpret_cast<const void*>(ptrs[list * tensors + ahead]));
+        }
+      }
       f(group[plan::kGroupTensor], group[plan::kGroupStart], group[plan::kGroupLen], g, false);
     }
   }

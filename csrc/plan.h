@@ -178,12 +178,15 @@ struct View {
   int64_t num_tensors() const { return w[kTensors]; }
   int64_t num_groups() const { return w[kGroups]; }
   int64_t num_items() const { return w[kItems]; }
+  int64_t lists() const { return w[kLists]; }
   int64_t chunk() const { return w[kChunk]; }
   int64_t numel() const { return w[kNumel]; }
   bool row_groups() const { return w[kRowGroups] != 0; }
+  // The pointer rows: list l's address of tensor t is ptrs()[l * num_tensors() + t].
+  const int64_t* ptrs() const { return w + w[kPtrsAt]; }
   template <typename T>
   T* ptr(int64_t list, int64_t tensor) const {
-    return reinterpret_cast<T*>(w[w[kPtrsAt] + list * w[kTensors] + tensor]);
+    return reinterpret_cast<T*>(ptrs()[list * num_tensors() + tensor]);
   }
   int64_t tensor_group_begin(int64_t t) const { return w[w[kTensorGroupsAt] + t]; }
   int64_t tensor_group_end(int64_t t) const { return w[w[kTensorGroupsAt] + t + 1]; }

@@ -3,13 +3,14 @@
 // work-layout builder of plan.h.
 //
 // Everything here works on the Python list the caller passed, element by element in C++, so
-// that a call whose tensors were seen before costs one pass over their metadata and no Python
+// that a call whose tensors were seen before costs one read of their metadata and no Python
 // code per tensor. Anything unusual (an element that is not a plain dense tensor, a bad dtype,
 // a gradient that does not match, memory shared between tensors that are written) is not
 // decided here: the list goes to the Python planner, which owns every error message.
 #include "fastreg.h"
 
 #include <torch/csrc/autograd/python_variable.h>
+#include <torch/csrc/autograd/variable.h>
 #include <torch/extension.h>
 
 #include <algorithm>
@@ -17,6 +18,7 @@
 #include <list>
 #include <map>
 #include <optional>
+#include <typeinfo>
 #include <utility>
 #include <vector>
 
@@ -43,23 +45,28 @@ int64_t meta_word(const c10::TensorImpl* impl, bool contiguous) {
   return dtype | (device_type << 8) | (index << 16) | (int64_t{contiguous} << 32) | (int64_t{impl->dim() >= 2} << 33);
 }
 
-const char* data_of(const c10::TensorImpl* impl) {
-  return static_cast<const char*>(impl->storage().data()) + impl->storage_offset() * impl->itemsize();
+// Whether a plan can describe this tensor: a TensorImpl itself, not a subclass (sparse, nested,
+// functorch's wrappers, ... override how their storage is reached), dense, with storage on a real
+// device, and no Python dispatch. Its storage can then be read directly: TensorImpl's storage
+// accessors are virtual calls, several per tensor on every lookup.
+bool plain_impl(const c10::TensorImpl* impl) {
+  return typeid(*impl) == typeid(c10::TensorImpl) && impl->layout() == at::kStrided && impl->unsafe_storage() &&
+         !impl->key_set().has(c10::DispatchKey::Python) && !impl->is_neg() &&
+         impl->device_type() != c10::DeviceType::Meta;
 }
 
-// The tensor behind a list element when it is one a plan can describe: a plain (no Python
-// dispatch) dense tensor with storage on a real device. Else nullptr.
+// The first element's address, of a tensor plain_impl accepts.
+const char* data_of(const c10::TensorImpl* impl) {
+  return static_cast<const char*>(impl->unsafe_storage().data()) + impl->storage_offset() * impl->itemsize();
+}
+
+// The tensor behind a list element when it is one a plan can describe, else nullptr.
 const at::Tensor* plain_tensor(PyObject* object) {
   if (!THPVariable_Check(object)) {
     return nullptr;
   }
   const at::Tensor& t = THPVariable_Unpack(object);
-  const c10::TensorImpl* impl = t.unsafeGetTensorImpl();
-  if (impl->layout() != at::kStrided || !impl->has_storage() || impl->key_set().has(c10::DispatchKey::Python) ||
-      impl->is_neg() || impl->device_type() == c10::DeviceType::Meta) {
-    return nullptr;
-  }
-  return &t;
+  return plain_impl(t.unsafeGetTensorImpl()) ? &t : nullptr;
 }
 
 // The key of a list: for each tensor the words a plan depends on. A plan holds addresses, sizes
@@ -68,88 +75,198 @@ const at::Tensor* plain_tensor(PyObject* object) {
 // with its sizes); the tensor object (its TensorImpl) is part of the key only so that a list that
 // repeats one tensor never matches a list of two distinct views.
 //
-// No hash: a lookup compares the key's words with each cached key's, most recently used first,
-// and a comparison stops at the first differing word (the kind and the length come first). A
-// running hash over every word is one long dependent chain of multiplies, which cost as much as
-// reading the tensors; without it, the reads of successive tensors overlap.
+// No hash: a lookup compares the list's words with each cached key's, most recently used first,
+// as it reads them, and stops at the first differing word (the kind and the length come first).
+// Only a list that matches no cached key has its words written out, for put(). A running hash
+// over every word would be one long dependent chain of multiplies, which cost as much as reading
+// the tensors.
 struct Key {
   std::vector<int64_t> words;
 
   bool operator==(const Key& other) const { return words == other.words; }
 };
 
-inline void push(Key& key, int64_t word) { key.words.push_back(word); }
+// The two ways a list's words are used: written into a key, or compared with a cached one.
+struct Writer {
+  std::vector<int64_t>& words;
+  size_t size = 0;
 
-void push_tensor(Key& key, const at::Tensor& t) {
-  const c10::TensorImpl* impl = t.unsafeGetTensorImpl();
+  bool operator()(int64_t word) {
+    if (size == words.size()) {
+      words.resize(std::max<size_t>(256, 2 * size));
+    }
+    words[size++] = word;
+    return true;
+  }
+  void finish() { words.resize(size); }
+};
+
+struct Matcher {
+  const int64_t* at;
+  const int64_t* end;
+
+  bool operator()(int64_t word) {
+    if (at == end || *at != word) {
+      return false;
+    }
+    ++at;
+    return true;
+  }
+  bool done() const { return at == end; }
+};
+
+template <typename Sink>
+bool emit_tensor(Sink& sink, const c10::TensorImpl* impl) {
   const bool contiguous = impl->is_contiguous();
-  push(key, reinterpret_cast<int64_t>(impl));
-  push(key, reinterpret_cast<int64_t>(data_of(impl)));
-  push(key, impl->numel());
-  push(key, meta_word(impl, contiguous));
-  push(key, impl->dim() >= 2 ? impl->size(0) : 1);
+  if (!(sink(reinterpret_cast<int64_t>(impl)) && sink(reinterpret_cast<int64_t>(data_of(impl))) &&
+        sink(impl->numel()) && sink(meta_word(impl, contiguous)) && sink(impl->dim() >= 2 ? impl->size(0) : 1))) {
+    return false;
+  }
   if (!contiguous) {
     // Staged through copies, but its footprint decides what it may overlap.
-    push(key, impl->dim());
+    if (!sink(impl->dim())) {
+      return false;
+    }
     for (int64_t d = 0; d < impl->dim(); ++d) {
-      push(key, impl->size(d));
-      push(key, impl->stride(d));
+      if (!(sink(impl->size(d)) && sink(impl->stride(d)))) {
+        return false;
+      }
     }
+  }
+  return true;
+}
+
+// One element of a list, as far as its key goes: its TensorImpl and, for a call on gradients,
+// its .grad's (nullptr: none).
+struct Slot {
+  const c10::TensorImpl* impl;
+  const c10::TensorImpl* grad;
+};
+
+inline void prefetch_lines(const void* address, int lines) {
+  for (int k = 0; k < lines; ++k) {
+    __builtin_prefetch(static_cast<const char*>(address) + 64 * k);
   }
 }
 
-// The key of `list` for a call of `kind`, or false when the list is not one a plan describes.
-bool make_key(PyObject* list, int64_t kind, Key& key) {
+// What a key reads of a tensor sits at the end of a chain of pointers: the Python object, its
+// TensorImpl, that one's storage and autograd meta, the .grad's TensorImpl, its storage. The
+// links of one tensor depend on each other; those of different tensors do not. So the list is
+// read in passes, one link per pass over every tensor, each prefetching the next: many cache
+// misses are then in flight at once, where a walk tensor by tensor waits for each in turn (on
+// 10,000 tensors, most of a lookup's time).
+bool gather(PyObject* list, bool graded, std::vector<Slot>& slots) {
   const Py_ssize_t n = PyList_GET_SIZE(list);
-  key.words.clear();
-  key.words.reserve(static_cast<size_t>(n) * 10 + 2);
-  push(key, kind);
-  push(key, n);
+  slots.resize(static_cast<size_t>(n));
   for (Py_ssize_t i = 0; i < n; ++i) {
-    const at::Tensor* t = plain_tensor(PyList_GET_ITEM(list, i));
-    if (t == nullptr) {
+    PyObject* object = PyList_GET_ITEM(list, i);
+    if (!THPVariable_Check(object)) {
       return false;
     }
-    push_tensor(key, *t);
-    if (kind & kGraded) {
-      const at::Tensor& g = t->grad();
-      if (!g.defined()) {
-        push(key, 0);
-        continue;
-      }
-      const c10::TensorImpl* gi = g.unsafeGetTensorImpl();
-      if (gi->layout() != at::kStrided || !gi->has_storage() || gi->key_set().has(c10::DispatchKey::Python) ||
-          gi->is_neg() || g.sizes() != t->sizes()) {
-        return false;
-      }
-      push_tensor(key, g);
+    const c10::TensorImpl* impl = THPVariable_Unpack(object).unsafeGetTensorImpl();
+    prefetch_lines(impl, 3);  // the fields a key reads span a TensorImpl's first three lines
+    slots[i] = {impl, nullptr};
+  }
+  for (Slot& slot : slots) {
+    if (!plain_impl(slot.impl)) {
+      return false;
     }
+    __builtin_prefetch(slot.impl->unsafe_storage().unsafeGetStorageImpl());
+    if (graded && slot.impl->autograd_meta() != nullptr) {
+      __builtin_prefetch(&static_cast<const torch::autograd::AutogradMeta*>(slot.impl->autograd_meta())->grad_);
+    }
+  }
+  if (!graded) {
+    return true;
+  }
+  for (Slot& slot : slots) {
+    const auto* meta = static_cast<const torch::autograd::AutogradMeta*>(slot.impl->autograd_meta());
+    if (meta != nullptr && meta->grad_.defined()) {
+      slot.grad = meta->grad_.unsafeGetTensorImpl();
+      prefetch_lines(slot.grad, 3);
+    }
+  }
+  for (const Slot& slot : slots) {
+    if (slot.grad == nullptr) {
+      continue;
+    }
+    if (!plain_impl(slot.grad) || slot.grad->sizes() != slot.impl->sizes()) {
+      return false;
+    }
+    __builtin_prefetch(slot.grad->unsafe_storage().unsafeGetStorageImpl());
   }
   return true;
 }
 
-// Extends a key with more tensor lists that a plan addresses (an optimizer's state: exp_avg,
-// step, ...), element by element as the call's own tensors; false when an element is not a plain
-// dense tensor.
-bool extend_key(PyObject* lists, Key& key) {
-  const Py_ssize_t n = PyList_GET_SIZE(lists);
-  push(key, n);
-  for (Py_ssize_t l = 0; l < n; ++l) {
-    PyObject* list = PyList_GET_ITEM(lists, l);
-    if (!PyList_Check(list)) {
+// A list's slots, with the optimizer-state lists a plan may also address (exp_avg, step, ...),
+// and the words of its key from them.
+struct Gathered {
+  int64_t kind;
+  std::vector<Slot> slots;
+  std::vector<std::vector<Slot>> extra;
+
+  // False when an element is not a tensor a plan describes.
+  bool read(PyObject* list, int64_t kind_, PyObject* extra_lists) {
+    kind = kind_;
+    if (!gather(list, (kind & kGraded) != 0, slots)) {
       return false;
     }
-    push(key, PyList_GET_SIZE(list));
-    for (Py_ssize_t i = 0; i < PyList_GET_SIZE(list); ++i) {
-      const at::Tensor* t = plain_tensor(PyList_GET_ITEM(list, i));
-      if (t == nullptr) {
+    extra.clear();
+    if (extra_lists == nullptr) {
+      return true;
+    }
+    extra.resize(static_cast<size_t>(PyList_GET_SIZE(extra_lists)));
+    for (size_t l = 0; l < extra.size(); ++l) {
+      PyObject* more = PyList_GET_ITEM(extra_lists, l);
+      if (!PyList_Check(more) || !gather(more, false, extra[l])) {
         return false;
       }
-      push_tensor(key, *t);
     }
+    return true;
   }
-  return true;
-}
+
+  template <typename Sink>
+  bool emit(Sink& sink) const {
+    if (!(sink(kind) && sink(static_cast<int64_t>(slots.size())))) {
+      return false;
+    }
+    for (const Slot& slot : slots) {
+      if (!emit_tensor(sink, slot.impl)) {
+        return false;
+      }
+      if (kind & kGraded) {
+        if (!(slot.grad == nullptr ? sink(0) : emit_tensor(sink, slot.grad))) {
+          return false;
+        }
+      }
+    }
+    if (!sink(static_cast<int64_t>(extra.size()))) {
+      return false;
+    }
+    for (const auto& list : extra) {
+      if (!sink(static_cast<int64_t>(list.size()))) {
+        return false;
+      }
+      for (const Slot& slot : list) {
+        if (!emit_tensor(sink, slot.impl)) {
+          return false;
+        }
+      }
+    }
+    return true;
+  }
+
+  bool matches(const Key& key) const {
+    Matcher matcher{key.words.data(), key.words.data() + key.words.size()};
+    return emit(matcher) && matcher.done();
+  }
+
+  void write(Key& key) const {
+    Writer writer{key.words};
+    emit(writer);
+    writer.finish();
+  }
+};
 
 // A bounded, least-recently-used map from keys to plans (Python objects). Lookups hold the GIL,
 // as every call of this module does, so the cache needs no lock of its own.
@@ -160,18 +277,20 @@ class PlanCache {
   // (plan, None) when a plan of an equal key is cached; (None, key) when none is, for put();
   // (None, None) when the list is not one a plan describes.
   py::tuple lookup(const py::list& tensors, int64_t kind, const std::optional<py::list>& extra) {
-    if (!make_key(tensors.ptr(), kind, scratch_) || (extra.has_value() && !extend_key(extra->ptr(), scratch_))) {
+    if (!scratch_.read(tensors.ptr(), kind, extra.has_value() ? extra->ptr() : nullptr)) {
       return py::make_tuple(py::none(), py::none());
     }
     for (auto it = entries_.begin(); it != entries_.end(); ++it) {
-      if (it->first == scratch_) {
+      if (scratch_.matches(it->first)) {
         entries_.splice(entries_.begin(), entries_, it);
         ++hits_;
         return py::make_tuple(entries_.front().second, py::none());
       }
     }
     ++misses_;
-    return py::make_tuple(py::none(), py::cast(scratch_));
+    Key key;
+    scratch_.write(key);
+    return py::make_tuple(py::none(), py::cast(std::move(key)));
   }
 
   void put(const Key& key, py::object plan) {
@@ -189,7 +308,7 @@ class PlanCache {
  private:
   int64_t capacity_;
   std::list<std::pair<Key, py::object>> entries_;
-  Key scratch_;
+  Gathered scratch_;
   int64_t hits_ = 0;
   int64_t misses_ = 0;
 };
@@ -250,9 +369,8 @@ py::object scan(const py::list& tensors, int64_t kind) {
       if (!g.defined()) {
         continue;
       }
-      if (g.layout() != at::kStrided || g.scalar_type() != t->scalar_type() || g.sizes() != t->sizes() ||
-          g.device() != t->device() || !g.unsafeGetTensorImpl()->has_storage() || g.unsafeGetTensorImpl()->is_neg() ||
-          g.unsafeGetTensorImpl()->key_set().has(c10::DispatchKey::Python)) {
+      if (!plain_impl(g.unsafeGetTensorImpl()) || g.scalar_type() != t->scalar_type() || g.sizes() != t->sizes() ||
+          g.device() != t->device()) {
         return py::none();
       }
     }

@@ -217,3 +217,42 @@ def test_the_cache_is_bounded(planner):
     for seed in range(_plan.CACHE_SIZE + 5):
         fastreg.norms(make([(3,)], seed=seed, grad=False), backend="torch")
     assert _plan.stats()["plans"] <= _plan.CACHE_SIZE
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.float16, torch.bfloat16], ids=str)
+def test_tensors_of_every_tail_length_packed_in_one_buffer(planner, dtype):
+    """Tensors of 0 to 35 elements (every length of a vector block's partial tail, for every
+    dtype's block), one element apart in one buffer: the cpp kernels (masked loads and stores for
+    fp32/fp64, a padded buffer for fp16/bf16) give the bits they give on separate tensors, and
+    write nothing between them."""
+    sizes = list(range(36))
+    sentinel = 1234.0
+
+    def packed():
+        starts = [sum(sizes[:k]) + k for k in range(len(sizes))]
+        data = torch.full((sum(sizes) + len(sizes),), sentinel, dtype=dtype)
+        grads = data.clone()
+        gen = torch.Generator().manual_seed(0)
+        params = []
+        for start, n in zip(starts, sizes):
+            data[start:start + n] = torch.randn(n, generator=gen).to(dtype)
+            grads[start:start + n] = torch.randn(n, generator=gen).to(dtype)
+            p = data[start:start + n]
+            p.grad = grads[start:start + n]
+            params.append(p)
+        gaps = torch.ones_like(data, dtype=torch.bool)
+        for start, n in zip(starts, sizes):
+            gaps[start:start + n] = False
+        return data, grads, gaps, params
+
+    data, grads, gaps, packed_params = packed()
+    separate = [p.clone() for p in packed_params]
+    for s, p in zip(separate, packed_params):
+        s.grad = p.grad.clone()
+    for _ in range(2):  # the second call runs from the cached plan
+        for params in (packed_params, separate):
+            fastreg.add_penalty_grad_(params, l1=0.1, l2=0.3, backend="cpp")
+            fastreg.decay_(params, lr=0.5, l1=0.01, l2=0.2, group_lasso=0.05, backend="cpp")
+        assert_bitwise_equal(packed_params, separate)
+        assert_bitwise_equal([p.grad for p in packed_params], [s.grad for s in separate])
+        assert bool((data[gaps] == sentinel).all()) and bool((grads[gaps] == sentinel).all())
