@@ -149,17 +149,21 @@ inline void prefetch_lines(const void* address, int lines) {
   }
 }
 
+// Tensors read per block (see read_block): their lines, about a dozen each (200 KB), stay in L2
+// from one pass to the next.
+constexpr Py_ssize_t kBlock = 256;
+
 // What a key reads of a tensor sits at the end of a chain of pointers: the Python object, its
 // TensorImpl, that one's storage and autograd meta, the .grad's TensorImpl, its storage. The
-// links of one tensor depend on each other; those of different tensors do not. So the list is
-// read in passes, one link per pass over every tensor, each prefetching the next: many cache
-// misses are then in flight at once, where a walk tensor by tensor waits for each in turn (on
-// 10,000 tensors, most of a lookup's time).
-bool gather(PyObject* list, bool graded, std::vector<Slot>& slots) {
-  const Py_ssize_t n = PyList_GET_SIZE(list);
-  slots.resize(static_cast<size_t>(n));
+// links of one tensor depend on each other; those of different tensors do not. So a block of
+// tensors is read in passes, one link per pass over the block, each prefetching the next: many
+// cache misses are then in flight at once, where a walk tensor by tensor waits for each in turn
+// (on 10,000 tensors, most of a lookup's time). False when an element is not a tensor a plan
+// describes.
+bool read_block(PyObject* list, Py_ssize_t begin, Py_ssize_t end, bool graded, Slot* slots) {
+  const Py_ssize_t n = end - begin;
   for (Py_ssize_t i = 0; i < n; ++i) {
-    PyObject* object = PyList_GET_ITEM(list, i);
+    PyObject* object = PyList_GET_ITEM(list, begin + i);
     if (!THPVariable_Check(object)) {
       return false;
     }
@@ -167,106 +171,94 @@ bool gather(PyObject* list, bool graded, std::vector<Slot>& slots) {
     prefetch_lines(impl, 3);  // the fields a key reads span a TensorImpl's first three lines
     slots[i] = {impl, nullptr};
   }
-  for (Slot& slot : slots) {
-    if (!plain_impl(slot.impl)) {
+  for (Py_ssize_t i = 0; i < n; ++i) {
+    const c10::TensorImpl* impl = slots[i].impl;
+    if (!plain_impl(impl)) {
       return false;
     }
-    __builtin_prefetch(slot.impl->unsafe_storage().unsafeGetStorageImpl());
-    if (graded && slot.impl->autograd_meta() != nullptr) {
-      __builtin_prefetch(&static_cast<const torch::autograd::AutogradMeta*>(slot.impl->autograd_meta())->grad_);
+    prefetch_lines(impl->unsafe_storage().unsafeGetStorageImpl(), 2);
+    if (graded && impl->autograd_meta() != nullptr) {
+      __builtin_prefetch(&static_cast<const torch::autograd::AutogradMeta*>(impl->autograd_meta())->grad_);
     }
   }
   if (!graded) {
     return true;
   }
-  for (Slot& slot : slots) {
-    const auto* meta = static_cast<const torch::autograd::AutogradMeta*>(slot.impl->autograd_meta());
+  for (Py_ssize_t i = 0; i < n; ++i) {
+    const auto* meta = static_cast<const torch::autograd::AutogradMeta*>(slots[i].impl->autograd_meta());
     if (meta != nullptr && meta->grad_.defined()) {
-      slot.grad = meta->grad_.unsafeGetTensorImpl();
-      prefetch_lines(slot.grad, 3);
+      slots[i].grad = meta->grad_.unsafeGetTensorImpl();
+      prefetch_lines(slots[i].grad, 3);
     }
   }
-  for (const Slot& slot : slots) {
-    if (slot.grad == nullptr) {
+  for (Py_ssize_t i = 0; i < n; ++i) {
+    const c10::TensorImpl* grad = slots[i].grad;
+    if (grad == nullptr) {
       continue;
     }
-    if (!plain_impl(slot.grad) || slot.grad->sizes() != slot.impl->sizes()) {
+    if (!plain_impl(grad) || grad->sizes() != slots[i].impl->sizes()) {
       return false;
     }
-    __builtin_prefetch(slot.grad->unsafe_storage().unsafeGetStorageImpl());
+    prefetch_lines(grad->unsafe_storage().unsafeGetStorageImpl(), 2);
   }
   return true;
 }
 
-// A list's slots, with the optimizer-state lists a plan may also address (exp_avg, step, ...),
-// and the words of its key from them.
-struct Gathered {
-  int64_t kind;
-  std::vector<Slot> slots;
-  std::vector<std::vector<Slot>> extra;
+enum class Walk { kNotPlain, kDiffers, kDone };
 
-  // False when an element is not a tensor a plan describes.
-  bool read(PyObject* list, int64_t kind_, PyObject* extra_lists) {
-    kind = kind_;
-    if (!gather(list, (kind & kGraded) != 0, slots)) {
-      return false;
+// The words of a list's key into `sink`, block by block: kNotPlain when an element is not a tensor
+// a plan describes, kDiffers when the sink refused a word (a Matcher at the first difference).
+template <typename Sink>
+Walk walk_list(PyObject* list, bool graded, Sink& sink) {
+  const Py_ssize_t n = PyList_GET_SIZE(list);
+  if (!sink(static_cast<int64_t>(n))) {
+    return Walk::kDiffers;
+  }
+  Slot slots[kBlock];
+  for (Py_ssize_t begin = 0; begin < n; begin += kBlock) {
+    const Py_ssize_t end = std::min(n, begin + kBlock);
+    if (!read_block(list, begin, end, graded, slots)) {
+      return Walk::kNotPlain;
     }
-    extra.clear();
-    if (extra_lists == nullptr) {
-      return true;
-    }
-    extra.resize(static_cast<size_t>(PyList_GET_SIZE(extra_lists)));
-    for (size_t l = 0; l < extra.size(); ++l) {
-      PyObject* more = PyList_GET_ITEM(extra_lists, l);
-      if (!PyList_Check(more) || !gather(more, false, extra[l])) {
-        return false;
+    for (Py_ssize_t i = 0; i < end - begin; ++i) {
+      if (!emit_tensor(sink, slots[i].impl)) {
+        return Walk::kDiffers;
+      }
+      if (graded && !(slots[i].grad == nullptr ? sink(0) : emit_tensor(sink, slots[i].grad))) {
+        return Walk::kDiffers;
       }
     }
-    return true;
   }
+  return Walk::kDone;
+}
 
-  template <typename Sink>
-  bool emit(Sink& sink) const {
-    if (!(sink(kind) && sink(static_cast<int64_t>(slots.size())))) {
-      return false;
-    }
-    for (const Slot& slot : slots) {
-      if (!emit_tensor(sink, slot.impl)) {
-        return false;
-      }
-      if (kind & kGraded) {
-        if (!(slot.grad == nullptr ? sink(0) : emit_tensor(sink, slot.grad))) {
-          return false;
-        }
-      }
-    }
-    if (!sink(static_cast<int64_t>(extra.size()))) {
-      return false;
-    }
-    for (const auto& list : extra) {
-      if (!sink(static_cast<int64_t>(list.size()))) {
-        return false;
-      }
-      for (const Slot& slot : list) {
-        if (!emit_tensor(sink, slot.impl)) {
-          return false;
-        }
-      }
-    }
-    return true;
+// The key of a call of `kind` over `list`, with the optimizer-state lists a plan may also address
+// (exp_avg, step, ...; or nullptr), into `sink`.
+template <typename Sink>
+Walk walk_key(PyObject* list, int64_t kind, PyObject* extra, Sink& sink) {
+  if (!sink(kind)) {
+    return Walk::kDiffers;
   }
-
-  bool matches(const Key& key) const {
-    Matcher matcher{key.words.data(), key.words.data() + key.words.size()};
-    return emit(matcher) && matcher.done();
+  Walk walked = walk_list(list, (kind & kGraded) != 0, sink);
+  if (walked != Walk::kDone) {
+    return walked;
   }
-
-  void write(Key& key) const {
-    Writer writer{key.words};
-    emit(writer);
-    writer.finish();
+  const Py_ssize_t lists = extra == nullptr ? 0 : PyList_GET_SIZE(extra);
+  if (!sink(static_cast<int64_t>(lists))) {
+    return Walk::kDiffers;
   }
-};
+  for (Py_ssize_t l = 0; l < lists; ++l) {
+    PyObject* more = PyList_GET_ITEM(extra, l);
+    if (!PyList_Check(more)) {
+      return Walk::kNotPlain;
+    }
+    walked = walk_list(more, false, sink);
+    if (walked != Walk::kDone) {
+      return walked;
+    }
+  }
+  return Walk::kDone;
+}
 
 // A bounded, least-recently-used map from keys to plans (Python objects). Lookups hold the GIL,
 // as every call of this module does, so the cache needs no lock of its own.
@@ -277,19 +269,27 @@ class PlanCache {
   // (plan, None) when a plan of an equal key is cached; (None, key) when none is, for put();
   // (None, None) when the list is not one a plan describes.
   py::tuple lookup(const py::list& tensors, int64_t kind, const std::optional<py::list>& extra) {
-    if (!scratch_.read(tensors.ptr(), kind, extra.has_value() ? extra->ptr() : nullptr)) {
-      return py::make_tuple(py::none(), py::none());
-    }
+    PyObject* more = extra.has_value() ? extra->ptr() : nullptr;
     for (auto it = entries_.begin(); it != entries_.end(); ++it) {
-      if (scratch_.matches(it->first)) {
+      const std::vector<int64_t>& words = it->first.words;
+      Matcher matcher{words.data(), words.data() + words.size()};
+      const Walk walked = walk_key(tensors.ptr(), kind, more, matcher);
+      if (walked == Walk::kNotPlain) {
+        return py::make_tuple(py::none(), py::none());
+      }
+      if (walked == Walk::kDone && matcher.done()) {
         entries_.splice(entries_.begin(), entries_, it);
         ++hits_;
         return py::make_tuple(entries_.front().second, py::none());
       }
     }
-    ++misses_;
     Key key;
-    scratch_.write(key);
+    Writer writer{key.words};
+    if (walk_key(tensors.ptr(), kind, more, writer) == Walk::kNotPlain) {
+      return py::make_tuple(py::none(), py::none());
+    }
+    writer.finish();
+    ++misses_;
     return py::make_tuple(py::none(), py::cast(std::move(key)));
   }
 
@@ -308,7 +308,6 @@ class PlanCache {
  private:
   int64_t capacity_;
   std::list<std::pair<Key, py::object>> entries_;
-  Gathered scratch_;
   int64_t hits_ = 0;
   int64_t misses_ = 0;
 };

@@ -97,6 +97,32 @@ def test_a_swapped_grad_gets_a_new_plan(planner, backend):
     assert torch.equal(old, kept), "the replaced grad was written"
 
 
+@pytest.mark.parametrize("where", [0, 255, 256, 700])
+def test_a_change_anywhere_in_a_long_list_gets_a_new_plan(planner, where):
+    """The C++ key reads a list in blocks of 256 tensors: a change in any block, at its edges
+    included, is seen (a swapped .grad, a grad set to None, new data of the same size)."""
+    params = make([(3,)] * 701)
+
+    def plan():
+        return _calls.prepare(params, "cpp", with_grads=True).plan
+
+    def changes(change):
+        before = plan()
+        assert plan() is before
+        change()
+        assert plan() is not before
+        check_grads(params, "cpp", l1=0.1, l2=0.2)
+
+    def new_data():
+        with torch.no_grad():
+            params[where].data = torch.randn(3)
+
+    check_grads(params, "cpp", l1=0.1, l2=0.2)
+    changes(lambda: setattr(params[where], "grad", torch.randn(3)))
+    changes(lambda: setattr(params[where], "grad", None))
+    changes(new_data)
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_grads_set_to_none_and_back(planner, backend):
     params = make(SHAPES)
