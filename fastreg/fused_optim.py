@@ -78,19 +78,27 @@ _FALLBACK = "fallback"
 
 @dataclasses.dataclass
 class _Work:
-    """One param group's step, prepared: checked, its state made, nothing written yet."""
+    """One param group's step: checked (by ``_check``), then prepared (``_prepare``: its state
+    made, its buckets planned); nothing written to its params yet."""
 
     index: int
     group: Dict[str, Any]
     params: List[Tensor]
-    lists: List[List[Tensor]]
-    """Fused: the table's pointer rows after params and grads (the state)."""
+    lists: Optional[List[List[Tensor]]]
+    """Fused: the table's pointer rows after params and grads (the state); None until the
+    state of a first step is made."""
     buckets: Optional[List[_Bucket]]
     """None: the group runs torch's step (the fallback)."""
     call: Optional[_calls.Call] = None
     """Fallback: the prepared call of fastreg's ops on the group's tensors with a gradient."""
     fresh: Optional[Tensor] = None
     """SGD: one flag per tensor whose momentum buffer is new (allocated for this step)."""
+    fallback: bool = False
+    """Runs torch's step (``buckets`` stays None)."""
+    found: Any = None
+    key: Any = None
+    """The plan cache's answer for the group's tensors and state: its buckets (or the fallback
+    mark), else the key to cache them under."""
 
 
 class _Fused:
@@ -216,31 +224,50 @@ class _Fused:
         with_grad, grads, indices = _dispatch.grads_of(group["params"], name)
         _dispatch.check_no_overlap(with_grad, name, indices=indices)
 
-    def _prepare(self, index: int, group: Dict[str, Any], kernels) -> Optional[_Work]:
+    def _check(self, index: int, group: Dict[str, Any], kernels) -> Optional[_Work]:
+        """One group's step, checked, with nothing written: every group is checked before any
+        group's state is made or changed (:meth:`_prepare` does that)."""
         self._check_group(group, index)
         params = [p for p in group["params"] if p.grad is not None]
         if not params:
             return None
-        name = f"param_groups[{index}]"
         lists = self._state_lists(group, params)
         if lists is None:
+            # The first step of these params: their state is made by _prepare.
             self._check_grads(group, index)
             if not self._fusable(group, params, kernels):
                 return self._fallback_work(index, group, params)
-            self._init_state(group, params)
-            lists = self._state_lists(group, params)
+            return _Work(index, group, params, None, None)
         work = _Work(index, group, params, lists, None)
         if kernels is None:
             return self._fallback_work(index, group, params, lists)
         if self._tables is None:
             self._tables = kernels.PlanCache(CACHE_SIZE)
-        found, key = self._tables.lookup(params, self._kind, self._keyed(work))
-        if found is None:
+        work.found, work.key = self._tables.lookup(params, self._kind, self._keyed(work))
+        if work.found is None:
             self._check_grads(group, index)
-            if self._normalize_state(work):
-                found, key = self._tables.lookup(params, self._kind, self._keyed(work))
+            self._check_state(work, f"param_groups[{index}]")
+        return work
+
+    def _prepare(self, work: _Work, kernels) -> _Work:
+        """A checked group's step, ready to run: its state made (or brought to the kernel's
+        form) and its buckets planned."""
+        if work.fallback:
+            return work
+        index, group, params = work.index, work.group, work.params
+        if work.lists is None:
+            self._init_state(group, params)
+            work.lists = self._state_lists(group, params)
+            if self._tables is None:
+                self._tables = kernels.PlanCache(CACHE_SIZE)
+            work.found, work.key = self._tables.lookup(params, self._kind, self._keyed(work))
+            if work.found is None:
+                # State the group had in part (a hand-made or broken one), now completed.
+                self._check_state(work, f"param_groups[{index}]")
+        found, key = work.found, work.key
+        if found is None and self._normalize_state(work):
+            found, key = self._tables.lookup(params, self._kind, self._keyed(work))
         if found is None:
-            self._check_state(work, name)
             if key is None or not self._fusable(group, params, kernels) or not self._contiguous_state(work):
                 found = _FALLBACK
             else:
@@ -285,7 +312,7 @@ class _Fused:
         if not self._coefficients(group).is_zero():
             call = _calls.prepare(group["params"], None, with_grads=True, writes_params=True,
                                   name=f"param_groups[{index}]['params']", devices=True)
-        return _Work(index, group, params, [], None, call)
+        return _Work(index, group, params, [], None, call, fallback=True)
 
     def _table(self, work: _Work, bucket: _Bucket, rows: bool, kernels) -> Tensor:
         table = bucket.tables.get(rows)
@@ -308,7 +335,8 @@ class _Fused:
             with torch.enable_grad():
                 loss = closure()
         kernels = _kernels()
-        works = [w for index, group in enumerate(self.param_groups) if (w := self._prepare(index, group, kernels)) is not None]
+        checked = [w for index, group in enumerate(self.param_groups) if (w := self._check(index, group, kernels)) is not None]
+        works = [self._prepare(work, kernels) for work in checked]
         grad_scale = getattr(self, "grad_scale", None)
         found_inf = getattr(self, "found_inf", None)
         values = []
@@ -404,9 +432,9 @@ class _AdamFused(_Fused):
         _check_nonnegative(f"{name}['eps']", group["eps"])
 
     def _state_lists(self, group: Dict[str, Any], params: List[Tensor]) -> Optional[List[List[Tensor]]]:
-        state = self.state
+        # .get: the state is a defaultdict, and reading it must not make entries.
+        states = [self.state.get(p, {}) for p in params]
         try:
-            states = [state[p] for p in params]
             lists = [[s["exp_avg"] for s in states], [s["exp_avg_sq"] for s in states], [s["step"] for s in states]]
             if group["amsgrad"]:
                 lists.append([s["max_exp_avg_sq"] for s in states])
@@ -509,9 +537,8 @@ class SGD(_Fused, torch.optim.SGD):
     def _state_lists(self, group: Dict[str, Any], params: List[Tensor]) -> Optional[List[List[Tensor]]]:
         if group["momentum"] == 0:
             return []
-        state = self.state
         # A missing buffer is made by _before_fused (or torch's step): no state to init here.
-        return [[state[p].get("momentum_buffer") for p in params]]
+        return [[self.state.get(p, {}).get("momentum_buffer") for p in params]]
 
     def _init_state(self, group: Dict[str, Any], params: List[Tensor]) -> None:
         pass

@@ -484,12 +484,17 @@ def assert_unchanged(optimizer, params, saved):
     ("grad", TypeError, r"param_groups\[1\]\['params'\]\[0\]\.grad is torch.float32 \(4, 3\)"),
     ("state", ValueError, r"param_groups\[1\]: state of the param with gradient 0"),
 ])
-def test_bad_input_at_step_writes_nothing(path, breakage, error, match):
-    """A bad second group raises naming it before the first group is touched."""
+@pytest.mark.parametrize("first_step", [False, True], ids=["later_step", "first_step"])
+def test_bad_input_at_step_writes_nothing(path, breakage, error, match, first_step):
+    """A bad second group raises naming it before the first group is touched: on the first
+    step too, where the first group's state is not made."""
+    if first_step and breakage == "state":
+        pytest.skip("a first step has no state to break")
     first, second = make_params(), make_params(seed=5, shapes=[(6, 2), (4,)])
     optimizer = fastreg.AdamW([{"params": first}, {"params": second}], lr=1e-2, l1=1e-2, group_lasso=0.1)
-    set_grads(0, first + second)
-    optimizer.step()
+    if not first_step:
+        set_grads(0, first + second)
+        optimizer.step()
     set_grads(1, first + second)
     group = optimizer.param_groups[1]
     if breakage == "lr":
