@@ -44,6 +44,13 @@ def any_dtensor(tensors: Sequence[Tensor]) -> bool:
     return DTensor is not None and any(isinstance(t, DTensor) for t in tensors)
 
 
+def local_tensors(tensors: Sequence[Tensor]) -> List[Tensor]:
+    """``tensors`` with each DTensor replaced by its local shard."""
+    if not any_dtensor(tensors):
+        return list(tensors)
+    return [t.to_local() if isinstance(t, DTensor) else t for t in tensors]
+
+
 class _Shards(NamedTuple):
     mesh: object  # DeviceMesh
     tensors: List[Tensor]  # the DTensors

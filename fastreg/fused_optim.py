@@ -222,7 +222,8 @@ class _Fused:
             if p.grad is not None and p.grad.is_sparse:
                 raise RuntimeError(f"{name}[{i}].grad is sparse; {type(self).__name__} needs dense gradients")
         with_grad, grads, indices = _dispatch.grads_of(group["params"], name)
-        _dispatch.check_no_overlap(with_grad, name, indices=indices)
+        # A DTensor's own address is no address: its local shard's is (FSDP2's params).
+        _dispatch.check_no_overlap(distributed.local_tensors(with_grad), name, indices=indices)
 
     def _check(self, index: int, group: Dict[str, Any], kernels) -> Optional[_Work]:
         """One group's step, checked, with nothing written: every group is checked before any

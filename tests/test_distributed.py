@@ -159,13 +159,15 @@ def _train(model, optimizer, x, y, steps=4):
 
 
 def _regularized(model, mode):
+    if mode == "fused":
+        return fastreg.Adam(model.parameters(), lr=0.05, weight_decay=0.05, l1=0.3, group_lasso=0.02)
     return fastreg.Regularized(torch.optim.Adam(model.parameters(), lr=0.05), l1=0.3, l2=0.05, group_lasso=0.02, mode=mode)
 
 
 def _training_worker(rank, engine):
     x, y = data()
     half = slice(rank * len(x) // WORLD, (rank + 1) * len(x) // WORLD)
-    for mode in ("coupled", "decoupled"):
+    for mode in ("coupled", "decoupled", "fused"):
         single = net()
         _train(single, _regularized(single, mode), x, y)
         model = net()
@@ -183,7 +185,7 @@ def _training_worker(rank, engine):
             assert torch.equal(got == 0, want.detach() == 0)
             zeros += int((got == 0).sum())
         assert optimizer.last_penalty is not None
-        if mode == "decoupled":
+        if mode != "coupled":
             assert zeros, "decoupled L1 leaves exact zeros"
 
 
