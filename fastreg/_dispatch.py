@@ -28,7 +28,9 @@ def check_coefficient(name: str, value) -> float:
     if isinstance(value, bool) or not isinstance(value, numbers.Real):
         raise TypeError(f"{name} must be a real number, got {type(value).__name__}")
     value = float(value)
-    if not math.isfinite(value):
+    # Not math.isfinite: torch.compile traces a step's settings as symbolic floats, which take
+    # arithmetic and comparisons (inf - inf and nan - nan are nan, unequal to 0).
+    if not value - value == 0.0:
         raise ValueError(f"{name} must be finite, got {value}")
     if value < 0:
         raise ValueError(f"{name} must be non-negative, got {value}")

@@ -210,10 +210,7 @@ class _Fused:
     def _fusable(self, group: Dict[str, Any], params: List[Tensor], kernels) -> bool:
         if kernels is None or group.get("differentiable") or group.get("capturable"):
             return False
-        for p in params:
-            if p.device.type != "cpu" or not p.is_contiguous() or not p.grad.is_contiguous():
-                return False
-        return True
+        return _kernel_tensors(params)
 
     def _check_grads(self, group: Dict[str, Any], index: int) -> None:
         name = f"param_groups[{index}]['params']"
@@ -335,6 +332,9 @@ class _Fused:
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
+        if torch.compiler.is_compiling() and self._compiles():
+            self._compiled_step()
+            return loss
         kernels = _kernels()
         checked = [w for index, group in enumerate(self.param_groups) if (w := self._check(index, group, kernels)) is not None]
         works = [self._prepare(work, kernels) for work in checked]
@@ -349,9 +349,9 @@ class _Fused:
                 continue
             coefs = self._coefficients(work.group)
             track = self.track_penalty and not coefs.is_zero()
-            rows = coefs.group_dim == 0 and coefs.group_lasso != 0.0
+            rows = _rows(coefs)
             for bucket in work.buckets:
-                value = self._run(kernels, self._table(work, bucket, rows, kernels), bucket.dtype, work, coefs, track,
+                value = self._run(kernels, self._table(work, bucket, rows, kernels), bucket, work, coefs, track,
                                   grad_scale, found_inf)
                 if track:
                     values.append(value)
@@ -362,6 +362,49 @@ class _Fused:
 
     def _after_fused(self, work: _Work, found_inf: Optional[Tensor]) -> None:
         pass
+
+    # -- under torch.compile ----------------------------------------------------------------
+    _compiled_run: Optional[Callable] = None
+    """The group's step as one custom op (``torch.ops.fastreg``), where the optimizer has one."""
+
+    def _compiles(self) -> bool:
+        """Whether a traced step can be the fused op for every group: CPU tensors the kernel
+        takes, and the CPU extension (asked once, as a constant of the trace). Else the step
+        runs as in eager mode, which breaks the graph at its plan cache."""
+        if self._compiled_run is None or _dispatch._unavailable_reason("cpp", torch.device("cpu"), torch.float32) is not None:
+            return False
+        # Not _fusable: Dynamo sets every group's "capturable" while it traces an optimizer.
+        return self._compiled_state_ready() and all(
+            not group.get("differentiable") and _kernel_tensors([p for p in group["params"] if p.grad is not None])
+            for group in self.param_groups)
+
+    def _compiled_state_ready(self) -> bool:
+        return True
+
+    def _compiled_step(self) -> None:
+        """The step as torch.compile traces it: every group checked, then each group's state
+        made (as torch's optimizers make theirs under compile) and its update run as one custom
+        op, which lays out its table when it runs. The plan cache is host work on tensor
+        addresses, which a graph cannot hold."""
+        groups = []
+        for index, group in enumerate(self.param_groups):
+            self._check_group(group, index)
+            params = [p for p in group["params"] if p.grad is not None]
+            if params:
+                groups.append((group, params))
+        grad_scale = getattr(self, "grad_scale", None)
+        found_inf = getattr(self, "found_inf", None)
+        values = []
+        for group, params in groups:
+            self._init_state(group, params)
+            coefs = self._coefficients(group)
+            track = self.track_penalty and not coefs.is_zero()
+            value = self._compiled_run(group, params, self._state_lists(group, params), coefs, track, grad_scale,
+                                       found_inf)
+            if track:
+                values.append(value)
+        if self.track_penalty:
+            self._log["last_penalty"] = _dispatch.total(values, _dispatch.result_dtype(values), values[0].device) if values else None
 
     def _fallback_step(self, works: List[_Work], grad_scale: Optional[Tensor], found_inf: Optional[Tensor]) -> List[Tensor]:
         """torch's step for these groups, with fastreg's penalty before and prox after it."""
@@ -419,6 +462,99 @@ def _extents(tensors: List[Tensor]) -> Tensor:
     return torch.tensor([(t.numel(), t.shape[0] if t.dim() >= 2 else 1) for t in tensors], dtype=torch.long).reshape(-1, 2)
 
 
+def _kernel_tensors(params: List[Tensor]) -> bool:
+    """Whether the CPU kernel takes these params (with a gradient) and their gradients."""
+    return all(p.device.type == "cpu" and p.is_contiguous() and p.grad.is_contiguous() for p in params)
+
+
+def _rows(coefs: Coefficients) -> bool:
+    return coefs.group_dim == 0 and coefs.group_lasso != 0.0
+
+
+def _over_buckets(op: str, rows: Dict[str, List[Tensor]], row_groups: bool, run: Callable) -> Tensor:
+    """The body of a fused step op: ``rows`` (params, grads, then the state, each one tensor per
+    param: a float32 scalar for ``steps``) checked, laid out per dtype bucket as the eager step's
+    tables, and ``run(kernels, table, dtype)`` on each; the total of the values it returns."""
+    kernels = _kernels()
+    torch._check(kernels is not None, lambda: f"fastreg::{op} needs the CPU extension: {_build.cpu_unavailable_reason()}")
+    params = rows["params"]
+    for name, row in rows.items():
+        torch._check(len(row) == len(params), lambda: f"fastreg::{op}: {len(row)} {name} for {len(params)} params")
+        for i, (p, t) in enumerate(zip(params, row)):
+            if name == "steps":
+                torch._check(t.dtype == torch.float32 and t.numel() == 1,
+                             lambda: f"fastreg::{op}: steps[{i}] must be a float32 scalar, got {t.dtype} {tuple(t.shape)}")
+            else:
+                torch._check(t.shape == p.shape and t.dtype == p.dtype and t.device == p.device and t.is_contiguous(),
+                             lambda: f"fastreg::{op}: {name}[{i}] is {t.dtype} {tuple(t.shape)} on {t.device}, not a "
+                             f"contiguous tensor like params[{i}] ({p.dtype} {tuple(p.shape)} on {p.device})")
+    chunk, max_groups = get_backend("cpp").layout_limits(torch.device("cpu"))
+    values = []
+    for _, dtype, positions in _dispatch.split(params):
+        table = kernels.layout(_extents([params[i] for i in positions]), row_groups, len(rows), chunk, max_groups)
+        for r, row in enumerate(rows.values()):
+            kernels.set_ptrs(table, r, [row[i] for i in positions])
+        value = run(kernels, table, dtype, positions)
+        if value is not None:
+            values.append(value)
+    return _dispatch.total(values, _dispatch.result_dtype(params), torch.device("cpu"))
+
+
+def _penalty_like(params: List[Tensor]) -> Tensor:
+    return torch.empty((), dtype=_dispatch.result_dtype(params), device=params[0].device if params else "cpu")
+
+
+@torch.library.custom_op("fastreg::adam_step_", device_types="cpu",
+                         mutates_args=("params", "grads", "exp_avgs", "exp_avg_sqs", "steps", "max_exp_avg_sqs"))
+def _adam_step_op(params: List[Tensor], grads: List[Tensor], exp_avgs: List[Tensor], exp_avg_sqs: List[Tensor],
+                  steps: List[Tensor], max_exp_avg_sqs: List[Tensor], lr: float, lr_tensor: Optional[Tensor],
+                  beta1: float, beta2: float, eps: float, weight_decay: float, decoupled: bool, amsgrad: bool,
+                  maximize: bool, grad_scale: Optional[Tensor], found_inf: Optional[Tensor], l1: float, l2: float,
+                  group_lasso: float, penalty_l2: float, row_groups: bool, track: bool) -> Tensor:
+    """One fused Adam/AdamW step of a param group over tensor lists (the kernel of the eager
+    step), for torch.compile; returns the penalty of the starting weights (0 without
+    ``track``). The states are torch's fused ones (``steps``: float32 scalars); grads are
+    written only when unscaled by ``grad_scale``, as torch's fused step does. ``l2`` decays the
+    weights before the update, ``l1`` and ``group_lasso`` are the proximal maps after it (by
+    rows with ``row_groups``), ``penalty_l2`` is the L2 term of the penalty."""
+    rows = dict(params=params, grads=grads, exp_avgs=exp_avgs, exp_avg_sqs=exp_avg_sqs, steps=steps)
+    if amsgrad:
+        rows["max_exp_avg_sqs"] = max_exp_avg_sqs
+    return _over_buckets("adam_step_", rows, row_groups, lambda kernels, table, dtype, positions: kernels.adam_step_(
+        table, dtype, lr, lr_tensor, beta1, beta2, eps, weight_decay, decoupled, amsgrad, maximize, grad_scale,
+        found_inf, l1, l2, group_lasso, penalty_l2, track))
+
+
+@_adam_step_op.register_fake
+def _(params, *args, **kwargs):
+    return _penalty_like(params)
+
+
+@torch.library.custom_op("fastreg::sgd_step_", device_types="cpu", mutates_args=("params", "grads", "momentum_buffers"))
+def _sgd_step_op(params: List[Tensor], grads: List[Tensor], momentum_buffers: List[Tensor], first: Optional[Tensor],
+                 lr: float, lr_tensor: Optional[Tensor], momentum: float, dampening: float, weight_decay: float,
+                 nesterov: bool, maximize: bool, grad_scale: Optional[Tensor], found_inf: Optional[Tensor], l1: float,
+                 l2: float, group_lasso: float, penalty_l2: float, row_groups: bool, track: bool) -> Tensor:
+    """One fused SGD step of a param group over tensor lists, for torch.compile, as
+    ``adam_step_``; ``momentum_buffers`` is empty without momentum, and ``first`` flags the
+    buffers that are new (they start as the gradient)."""
+    rows = dict(params=params, grads=grads)
+    if momentum != 0.0:
+        rows["momentum_buffers"] = momentum_buffers
+
+    def run(kernels, table, dtype, positions):
+        flags = None if first is None else first[positions]
+        return kernels.sgd_step_(table, dtype, lr, lr_tensor, momentum, dampening, weight_decay, nesterov, maximize,
+                                 flags, grad_scale, found_inf, l1, l2, group_lasso, penalty_l2, track)
+
+    return _over_buckets("sgd_step_", rows, row_groups, run)
+
+
+@_sgd_step_op.register_fake
+def _(params, *args, **kwargs):
+    return _penalty_like(params)
+
+
 def _lr_args(lr) -> Tuple[float, Optional[Tensor]]:
     return (0.0, lr.reshape(())) if isinstance(lr, Tensor) else (float(lr), None)
 
@@ -466,15 +602,25 @@ class _AdamFused(_Fused):
     def _check_state(self, work: _Work, name: str) -> None:
         super()._check_state(dataclasses.replace(work, lists=work.lists[:2] + work.lists[3:]), name)
 
-    def _run(self, kernels, table, dtype, work, coefs, track, grad_scale, found_inf) -> Tensor:
-        group = work.group
+    def _arguments(self, group: Dict[str, Any], coefs: Coefficients) -> Dict[str, Any]:
+        """The kernel's settings of a group, as ``adam_step_`` (the planner's and the op) takes them."""
         beta1, beta2 = group["betas"]
         lr, lr_tensor = _lr_args(group["lr"])
-        decoupled = bool(group.get("decoupled_weight_decay", isinstance(self, torch.optim.AdamW)))
-        return kernels.adam_step_(table, dtype, lr, lr_tensor, float(beta1), float(beta2), float(group["eps"]),
-                                  self._update_decay(group), decoupled, bool(group["amsgrad"]), bool(group["maximize"]),
-                                  grad_scale, found_inf, coefs.l1, self._prox_l2(coefs), coefs.group_lasso, coefs.l2,
-                                  track)
+        return dict(lr=lr, lr_tensor=lr_tensor, beta1=float(beta1), beta2=float(beta2), eps=float(group["eps"]),
+                    weight_decay=self._update_decay(group),
+                    decoupled=bool(group.get("decoupled_weight_decay", isinstance(self, torch.optim.AdamW))),
+                    amsgrad=bool(group["amsgrad"]), maximize=bool(group["maximize"]), l1=coefs.l1,
+                    l2=self._prox_l2(coefs), group_lasso=coefs.group_lasso, penalty_l2=coefs.l2)
+
+    def _run(self, kernels, table, bucket, work, coefs, track, grad_scale, found_inf) -> Tensor:
+        return kernels.adam_step_(table, bucket.dtype, grad_scale=grad_scale, found_inf=found_inf, track=track,
+                                  **self._arguments(work.group, coefs))
+
+    def _compiled_run(self, group, params, lists, coefs, track, grad_scale, found_inf) -> Tensor:
+        return torch.ops.fastreg.adam_step_(params, [p.grad for p in params], lists[0], lists[1], lists[2],
+                                            lists[3] if group["amsgrad"] else [], grad_scale=grad_scale,
+                                            found_inf=found_inf, row_groups=_rows(coefs), track=track,
+                                            **self._arguments(group, coefs))
 
 
 class AdamW(_AdamFused, torch.optim.AdamW):
@@ -573,13 +719,44 @@ class SGD(_Fused, torch.optim.SGD):
         for p, b in zip(work.params, work.lists[0]):
             self.state[p]["momentum_buffer"] = b
 
-    def _run(self, kernels, table, dtype, work, coefs, track, grad_scale, found_inf) -> Tensor:
-        group = work.group
+    def _arguments(self, group: Dict[str, Any], coefs: Coefficients) -> Dict[str, Any]:
+        """The kernel's settings of a group, as ``sgd_step_`` (the planner's and the op) takes them."""
         lr, lr_tensor = _lr_args(group["lr"])
-        return kernels.sgd_step_(table, dtype, lr, lr_tensor, float(group["momentum"]), float(group["dampening"]),
-                                 self._update_decay(group), bool(group["nesterov"]), bool(group["maximize"]), work.fresh,
-                                 grad_scale, found_inf, coefs.l1, self._prox_l2(coefs), coefs.group_lasso, coefs.l2,
-                                 track)
+        return dict(lr=lr, lr_tensor=lr_tensor, momentum=float(group["momentum"]), dampening=float(group["dampening"]),
+                    weight_decay=self._update_decay(group), nesterov=bool(group["nesterov"]),
+                    maximize=bool(group["maximize"]), l1=coefs.l1, l2=self._prox_l2(coefs),
+                    group_lasso=coefs.group_lasso, penalty_l2=coefs.l2)
+
+    def _run(self, kernels, table, bucket, work, coefs, track, grad_scale, found_inf) -> Tensor:
+        first = work.fresh
+        if first is not None and bucket.positions is not None:
+            first = first[bucket.positions]
+        return kernels.sgd_step_(table, bucket.dtype, first=first, grad_scale=grad_scale, found_inf=found_inf,
+                                 track=track, **self._arguments(work.group, coefs))
+
+    def _compiled_state_ready(self) -> bool:
+        # A step GradScaler skips must not keep new buffers (_after_fused reads found_inf on the
+        # host): the first step of such buffers under a scaler runs eagerly.
+        if getattr(self, "found_inf", None) is None:
+            return True
+        return all(group["momentum"] == 0 or all(p.grad is None or "momentum_buffer" in self.state.get(p, {})
+                                                 for p in group["params"])
+                   for group in self.param_groups)
+
+    def _compiled_run(self, group, params, lists, coefs, track, grad_scale, found_inf) -> Tensor:
+        buffers, first = [], None
+        if lists:
+            fresh = [b is None for b in lists[0]]
+            buffers = [torch.empty_like(p, memory_format=torch.preserve_format) if b is None else b
+                       for p, b in zip(params, lists[0])]
+            if any(fresh):
+                first = torch.tensor(fresh, dtype=torch.bool)
+        value = torch.ops.fastreg.sgd_step_(params, [p.grad for p in params], buffers, first, grad_scale=grad_scale,
+                                            found_inf=found_inf, row_groups=_rows(coefs), track=track,
+                                            **self._arguments(group, coefs))
+        for p, b in zip(params, buffers):
+            self.state[p]["momentum_buffer"] = b
+        return value
 
 
 class NotFused(Exception):

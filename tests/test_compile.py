@@ -206,3 +206,40 @@ def test_reduce_overhead_cuda_graphs(mode):
         optimizers[1].step()
         torch.testing.assert_close(got.detach().clone(), want.detach(), rtol=1e-5, atol=1e-6)
     assert_close_lists(list(models[0].parameters()), list(models[1].parameters()))
+
+
+FUSED = [
+    ("AdamW", dict(lr=torch.tensor(0.05), amsgrad=True, weight_decay=0.1, l1=0.01, group_lasso=0.02, group_dim=0)),
+    ("Adam", dict(lr=0.05, maximize=True, weight_decay=0.1, l1=0.01)),
+    ("SGD", dict(lr=0.05, momentum=0.9, dampening=0.1, weight_decay=0.1, l1=0.01, group_lasso=0.02)),
+    ("SGD", dict(lr=0.05, momentum=0.9, nesterov=True, l1=0.01)),
+]
+
+
+@pytest.mark.parametrize("name, options", FUSED, ids=[f"{n}-{i}" for i, (n, _) in enumerate(FUSED)])
+def test_fused_optimizer_step_fullgraph(name, options):
+    """fastreg's fused optimizers under ``torch.compile(fullgraph=True)``: each group's step is
+    one custom op, with the kernel of the eager step, so the weights, state and penalty are the
+    eager ones to the bit; fp32 and fp64 params in one group (two buckets), state made on the
+    first compiled step, a tensor lr, no recompile after the first steps."""
+    def build():
+        torch.manual_seed(0)
+        model = torch.nn.Sequential(torch.nn.Linear(6, 5), torch.nn.Linear(5, 3).double())
+        options_ = {k: v.clone() if isinstance(v, torch.Tensor) else v for k, v in options.items()}
+        return model, getattr(fastreg, name)(model.parameters(), **options_)
+
+    (compiled_model, compiled_opt), (eager_model, eager_opt) = build(), build()
+    compiled_step = torch.compile(compiled_opt.step, fullgraph=True)
+    for i, (x, _) in enumerate(batches(4)):
+        for model, optimizer in ((compiled_model, compiled_opt), (eager_model, eager_opt)):
+            optimizer.zero_grad()
+            model[1](model[0](x).double()).square().mean().backward()
+        with no_recompiles() if i > 1 else contextlib.nullcontext():
+            compiled_step()
+        eager_opt.step()
+        for got, want in zip(compiled_model.parameters(), eager_model.parameters()):
+            assert torch.equal(got, want), i
+        assert torch.equal(compiled_opt.last_penalty, eager_opt.last_penalty)
+    for p, q in zip(compiled_model.parameters(), eager_model.parameters()):
+        for key, value in eager_opt.state[q].items():
+            assert torch.equal(compiled_opt.state[p][key], value), key

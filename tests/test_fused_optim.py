@@ -583,3 +583,55 @@ def test_closure_hooks_and_zero_grad(path):
     assert isinstance(optimizer, torch.optim.Adam)
     optimizer.zero_grad()
     assert all(p.grad is None for p in params)
+
+
+# -- the ops torch.compile steps through -------------------------------------------------------
+def _op_inputs(name):
+    params = [p.detach() for p in make_params(shapes=[(5, 3), (7,)])]
+    grads = [torch.randn_like(p) for p in params]
+    common = dict(grad_scale=None, found_inf=None, l1=0.01, l2=0.1, group_lasso=0.02, penalty_l2=0.1,
+                  row_groups=True, track=True)
+    if name == "adam_step_":
+        state = [[torch.rand_like(p) for p in params] for _ in range(3)]
+        steps = [torch.tensor(3.0) for _ in params]
+        return (params, grads, state[0], state[1], steps, state[2]), dict(
+            lr=0.01, lr_tensor=None, beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=0.1, decoupled=True,
+            amsgrad=True, maximize=False, **common)
+    buffers = [torch.randn_like(p) for p in params]
+    return (params, grads, buffers, torch.tensor([True, False])), dict(
+        lr=0.01, lr_tensor=torch.tensor(0.02), momentum=0.9, dampening=0.1, weight_decay=0.1, nesterov=False,
+        maximize=False, **common)
+
+
+@pytest.mark.parametrize("name", ["adam_step_", "sgd_step_"])
+def test_step_ops_opcheck(name):
+    if _build.cpu_unavailable_reason() is not None:
+        pytest.skip(f"the CPU extension is not built: {_build.cpu_unavailable_reason()}")
+    args, kwargs = _op_inputs(name)
+    torch.library.opcheck(getattr(torch.ops.fastreg, name).default, args, kwargs)
+
+
+@pytest.mark.parametrize("name", ["adam_step_", "sgd_step_"])
+def test_step_ops_refuse_state_unlike_the_params(name):
+    if _build.cpu_unavailable_reason() is not None:
+        pytest.skip(f"the CPU extension is not built: {_build.cpu_unavailable_reason()}")
+    args, kwargs = _op_inputs(name)
+    args[2][1] = torch.zeros(8)
+    before = [p.clone() for p in args[0]]
+    with pytest.raises(RuntimeError, match=rf"fastreg::{name}: \w+\[1\] is torch.float32 \(8,\) on cpu, not a contiguous tensor like params\[1\]"):
+        getattr(torch.ops.fastreg, name)(*args, **kwargs)
+    assert_equal_lists(args[0], before)
+
+
+def test_sgd_momentum_over_two_dtypes_in_one_group(path):
+    """A group of fp32 and fp64 params is two buckets: each gets its own new-buffer flags."""
+    params = make_params()[:2] + make_params(torch.float64, seed=3)[:2]
+    twins = twin(params)
+    ours = fastreg.SGD(params, lr=0.05, momentum=0.9, dampening=0.2)
+    theirs = torch.optim.SGD(twins, lr=0.05, momentum=0.9, dampening=0.2)
+    for step in range(3):
+        set_grads(step, params, twins)
+        ours.step()
+        theirs.step()
+        for p, q in zip(params, twins):
+            torch.testing.assert_close(p, q, rtol=2 * torch.finfo(p.dtype).eps, atol=2 * torch.finfo(p.dtype).eps)
