@@ -14,13 +14,13 @@
 #include <algorithm>
 #include <cmath>
 #include <cstring>
+#include <optional>
 #include <type_traits>
+#include <vector>
 
 #if defined(CPU_CAPABILITY_AVX2)
 #include <immintrin.h>
 #endif
-#include <optional>
-#include <vector>
 
 namespace fastreg {
 namespace cpu {
