@@ -18,8 +18,9 @@
 #include <type_traits>
 #include <vector>
 
-#if defined(CPU_CAPABILITY_AVX2)
+#if defined(CPU_CAPABILITY_AVX2) || defined(CPU_CAPABILITY_AVX512)
 #include <immintrin.h>
+#define FASTREG_MASKED_TAILS 1
 #endif
 
 namespace fastreg {
@@ -93,17 +94,17 @@ struct Block {
   }
 
   // The last, partial block of a range: no load or store touches memory past the range, and the
-  // lanes past it read as zeros. fp32 and fp64 use AVX2's masked loads and stores; other types go
-  // through a zero-padded buffer, whose vector loads wait for the element stores before them
-  // (no store forwarding across stores), which on tensors of a few elements costs more than the
-  // arithmetic.
+  // lanes past it read as zeros. fp32 and fp64 use AVX2's or AVX-512's masked loads and stores;
+  // other types go through a zero-padded buffer, whose vector loads wait for the element stores
+  // before them (no store forwarding across stores), which on tensors of a few elements costs
+  // more than the arithmetic.
   static Regs load_tail(const scalar_t* p, int64_t n) {
-#if defined(CPU_CAPABILITY_AVX2)
+#if defined(FASTREG_MASKED_TAILS)
     if constexpr (kMasked) {
       Regs r;
       for (int j = 0; j < kVecs; ++j) {
         const int64_t live = n - j * kLanes;
-        r.v[j] = live <= 0 ? Vec(acc_t(0)) : masked_load(p + j * kLanes, lanes_below(live));
+        r.v[j] = live <= 0 ? Vec(acc_t(0)) : masked_load(p + j * kLanes, std::min<int64_t>(live, kLanes));
       }
       return r;
     }
@@ -114,10 +115,10 @@ struct Block {
   }
 
   static void store_tail(scalar_t* p, int64_t n, const Regs& r) {
-#if defined(CPU_CAPABILITY_AVX2)
+#if defined(FASTREG_MASKED_TAILS)
     if constexpr (kMasked) {
       for (int j = 0; j < kVecs && n - j * kLanes > 0; ++j) {
-        masked_store(p + j * kLanes, lanes_below(n - j * kLanes), r.v[j]);
+        masked_store(p + j * kLanes, std::min<int64_t>(n - j * kLanes, kLanes), r.v[j]);
       }
       return;
     }
@@ -129,30 +130,48 @@ struct Block {
 
   static constexpr bool kMasked = std::is_same_v<scalar_t, float> || std::is_same_v<scalar_t, double>;
 
-#if defined(CPU_CAPABILITY_AVX2)
-  // All ones in the lanes below `live` (at least 1).
+#if defined(CPU_CAPABILITY_AVX512)
+  // The first `live` lanes (1 to kLanes).
+  static Vec masked_load(const scalar_t* p, int64_t live) {
+    const auto mask = static_cast<uint16_t>((uint32_t{1} << live) - 1);
+    if constexpr (std::is_same_v<scalar_t, double>) {
+      return Vec(_mm512_maskz_loadu_pd(static_cast<__mmask8>(mask), p));
+    } else {
+      return Vec(_mm512_maskz_loadu_ps(static_cast<__mmask16>(mask), p));
+    }
+  }
+
+  static void masked_store(scalar_t* p, int64_t live, const Vec& v) {
+    const auto mask = static_cast<uint16_t>((uint32_t{1} << live) - 1);
+    if constexpr (std::is_same_v<scalar_t, double>) {
+      _mm512_mask_storeu_pd(p, static_cast<__mmask8>(mask), v);
+    } else {
+      _mm512_mask_storeu_ps(p, static_cast<__mmask16>(mask), v);
+    }
+  }
+#elif defined(CPU_CAPABILITY_AVX2)
+  // All ones in the first `live` lanes (1 to kLanes).
   static __m256i lanes_below(int64_t live) {
     if constexpr (std::is_same_v<scalar_t, double>) {
       return _mm256_cmpgt_epi64(_mm256_set1_epi64x(live), _mm256_setr_epi64x(0, 1, 2, 3));
     } else {
-      const int32_t clamped = static_cast<int32_t>(std::min<int64_t>(live, kLanes));
-      return _mm256_cmpgt_epi32(_mm256_set1_epi32(clamped), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
+      return _mm256_cmpgt_epi32(_mm256_set1_epi32(static_cast<int32_t>(live)), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
     }
   }
 
-  static Vec masked_load(const scalar_t* p, __m256i mask) {
+  static Vec masked_load(const scalar_t* p, int64_t live) {
     if constexpr (std::is_same_v<scalar_t, double>) {
-      return Vec(_mm256_maskload_pd(p, mask));
+      return Vec(_mm256_maskload_pd(p, lanes_below(live)));
     } else {
-      return Vec(_mm256_maskload_ps(p, mask));
+      return Vec(_mm256_maskload_ps(p, lanes_below(live)));
     }
   }
 
-  static void masked_store(scalar_t* p, __m256i mask, const Vec& v) {
+  static void masked_store(scalar_t* p, int64_t live, const Vec& v) {
     if constexpr (std::is_same_v<scalar_t, double>) {
-      _mm256_maskstore_pd(p, mask, v);
+      _mm256_maskstore_pd(p, lanes_below(live), v);
     } else {
-      _mm256_maskstore_ps(p, mask, v);
+      _mm256_maskstore_ps(p, lanes_below(live), v);
     }
   }
 #endif

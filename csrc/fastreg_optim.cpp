@@ -27,6 +27,15 @@
 #include <utility>
 #include <vector>
 
+// The per-block update of a step, inlined into its loop: called out of line (as GCC chose for
+// bf16, whose conversions make the body long), each 16-element block paid a call and reloaded
+// the step's constants from memory, 1.5x torch's fused AdamW on a bf16 Llama.
+#if defined(__GNUC__)
+#define FASTREG_INLINE __attribute__((always_inline)) inline
+#else
+#define FASTREG_INLINE inline
+#endif
+
 namespace fastreg {
 namespace {
 
@@ -311,7 +320,7 @@ struct AdamUpdate {
 
   // torch's adam_math (aten/src/ATen/native/cpu/FusedAdamKernel.cpp), in acc_t.
   template <typename IoT, typename Regs>
-  void operator()(const IoT& io, int64_t i, Regs& x) const {
+  FASTREG_INLINE void operator()(const IoT& io, int64_t i, Regs& x) const {
     auto grad = in.load(io, g + i);
     auto exp_avg = io.load(m + i);
     auto exp_avg_sq = io.load(v + i);
@@ -374,7 +383,7 @@ struct SgdUpdate {
 
   // torch's sgd_math (aten/src/ATen/native/cpu/FusedSGDKernel.cpp), in acc_t.
   template <typename IoT, typename Regs>
-  void operator()(const IoT& io, int64_t i, Regs& x) const {
+  FASTREG_INLINE void operator()(const IoT& io, int64_t i, Regs& x) const {
     auto grad = in.load(io, g + i);
     Regs momentum_buf;
     if (h.use_momentum && !first) {

@@ -588,3 +588,20 @@ def test_cpp_extension_import_warning_is_not_passed_on(tmp_path):
     ours = subprocess.run([sys.executable, "-c", "import fastreg.__main__; from fastreg import _build; _build.import_cpp_extension()"], env=env,
                           capture_output=True, text=True, check=True)
     assert "No CUDA runtime" not in ours.stderr and "No CUDA runtime" not in ours.stdout
+
+
+@pytest.mark.parametrize("capability, expected", [
+    ("AVX512", ["-mavx512f", "-DCPU_CAPABILITY=AVX512"]),
+    ("AVX2", ["-mavx2", "-DCPU_CAPABILITY=AVX2"]),
+    ("DEFAULT", []),
+])
+def test_cpu_kernels_use_the_vector_width_torch_uses(monkeypatch, capability, expected):
+    """The CPU extension is compiled for the instruction set torch's own CPU kernels run on this
+    machine (its fused AdamW among them): a narrower build halves the throughput of a
+    compute-bound step (a bf16 Adam step: divides and square roots)."""
+    monkeypatch.setattr(_build.platform, "machine", lambda: "x86_64")
+    monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: capability)
+    flags = _build.CPU._cflags()
+    for flag in expected:
+        assert flag in flags
+    assert len([f for f in flags if f.startswith("-DCPU_CAPABILITY=")]) == (1 if expected else 0)
