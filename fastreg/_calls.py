@@ -66,10 +66,6 @@ def _table(call: Call, bucket: Bucket, row_groups: bool) -> Optional[Tensor]:
     return bucket.table(row_groups, params, grads)
 
 
-def _rows(coefs: Coefficients) -> bool:
-    return coefs.group_dim == 0 and coefs.group_lasso != 0.0
-
-
 def total(values: List[Tensor], plan: Plan) -> Tensor:
     return _dispatch.total(values, plan.result_dtype, plan.device)
 
@@ -92,7 +88,7 @@ class PenaltyFunction(torch.autograd.Function):
 
 
 def _value(call: Call, bucket: Bucket, coefs: Coefficients, params: List[Tensor]) -> Tensor:
-    table = _table(call, bucket, _rows(coefs))
+    table = _table(call, bucket, coefs.row_groups)
     if table is None:
         return bucket.backend.value(params, coefs)
     return bucket.backend.table_ops(bucket.device).value(table, bucket.dtype, coefs.l1, coefs.l2, coefs.group_lasso)
@@ -175,7 +171,7 @@ def add_grad(call: Call, coefs: Coefficients, grads: Optional[Sequence[Tensor]] 
     values = []
     with torch.no_grad():
         for bucket in call.plan.buckets:
-            table = None if grads is not None else _table(call, bucket, _rows(coefs))
+            table = None if grads is not None else _table(call, bucket, coefs.row_groups)
             if table is not None:
                 values.append(bucket.backend.table_ops(bucket.device).add_grad_(
                     table, bucket.dtype, coefs.l1, coefs.l2, coefs.group_lasso))
@@ -202,7 +198,7 @@ def decay(call: Call, lr, coefs: Coefficients) -> None:
         return
     with torch.no_grad():
         for bucket in call.plan.buckets:
-            table = _table(call, bucket, _rows(coefs))
+            table = _table(call, bucket, coefs.row_groups)
             if table is None:
                 bucket.backend.decay_(_params(call, bucket), lr, coefs)
                 continue

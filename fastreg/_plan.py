@@ -174,7 +174,8 @@ def _from_scan(scan: dict, kind: int, name: str, tensors: List[Tensor], backend:
     return _finish(kind, name, tensors, used, _buckets_of(tensors, split, scan["extents"], backend))
 
 
-def _extents(tensors: Sequence[Tensor]) -> Tensor:
+def extents(tensors: Sequence[Tensor]) -> Tensor:
+    """The work layout's view of tensors: int64 [T, 2] of numel and rows (shape[0] of 2+-d tensors, else 1)."""
     return torch.tensor([(t.numel(), t.shape[0] if t.dim() >= 2 else 1) for t in tensors], dtype=torch.long).reshape(-1, 2)
 
 
@@ -211,8 +212,8 @@ def _python_plan(kind: int, name: str, tensors: List[Tensor], backend: Optional[
         if grads is not None:
             contiguous = contiguous and all(grads[i].is_contiguous() for i in positions)
         with_contiguity.append((device, dtype, positions, contiguous))
-    extents = None if torch.compiler.is_compiling() or _build.planner_if_loaded() is None else _extents(chosen)
-    return _finish(kind, name, tensors, used, _buckets_of(chosen, with_contiguity, extents, backend))
+    sizes = None if torch.compiler.is_compiling() or _build.planner_if_loaded() is None else extents(chosen)
+    return _finish(kind, name, tensors, used, _buckets_of(chosen, with_contiguity, sizes, backend))
 
 
 # ---------------------------------------------------------------------------------------------

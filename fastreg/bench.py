@@ -160,7 +160,7 @@ class CoupledGrad(Task):
         return [returned.reshape(())], [p.grad for p in workload.params]
 
 
-class Norms(Task):
+class TensorNorms(Task):
     name = "norms"
     title = "per-tensor L1 and L2 norms"
     # One read of every element in one multi-tensor op; on CPU, _foreach_norm(inf) is not
@@ -171,10 +171,10 @@ class Norms(Task):
 
     def peers(self, workload, setting, compile):
         params = _detached(workload.params)
-        label, compiled, reason = _compiled("naive loop", naive_norms, compile)
+        label, compiled, reason = _compiled("naive loop", norms_loop, compile)
         return [
             Case(self.floor, lambda: torch._foreach_max(params), checked=False),
-            Case(self.naive, lambda: naive_norms(params)),
+            Case(self.naive, lambda: norms_loop(params)),
             Case("torch._foreach_*", lambda: foreach_norms(params)),
             Case(label, (lambda: compiled(params)) if compiled else None, reason),
         ]
@@ -199,10 +199,10 @@ class DecoupledDecay(Task):
 
     def peers(self, workload, setting, compile):
         params, lr, l1, l2 = _detached(workload.params), setting.lr, setting.l1, setting.l2
-        label, compiled, reason = _compiled("naive loop", naive_decay, compile)
+        label, compiled, reason = _compiled("naive loop", decay_loop, compile)
         return [
             Case(self.floor, lambda: torch._foreach_mul_(params, 1.0), checked=False),
-            Case(self.naive, lambda: naive_decay(params, lr, l1, l2)),
+            Case(self.naive, lambda: decay_loop(params, lr, l1, l2)),
             Case("torch._foreach_*", lambda: foreach_decay(params, lr, l1, l2)),
             Case(label, (lambda: compiled(params, lr, l1, l2)) if compiled else None, reason),
         ]
@@ -338,7 +338,7 @@ class AdamWStep(Task):
         threshold = setting.lr * setting.l1
         return [
             Case(self.floor, self._stepper(self._adamw(params, setting, True)), checked=False),
-            Case(self.naive, self._stepper(self._adamw(params, setting, False), lambda: naive_prox(weights, threshold))),
+            Case(self.naive, self._stepper(self._adamw(params, setting, False), lambda: prox_loop(weights, threshold))),
             Case("torch AdamW(fused) + foreach prox", self._stepper(self._adamw(params, setting, True), lambda: foreach_prox(weights, threshold))),
         ]
 
@@ -368,7 +368,7 @@ class AdamWStep(Task):
         return [], _detached(workload.params)
 
 
-TASKS: Dict[str, Task] = {task.name: task for task in (CoupledGrad(), Norms(), DecoupledDecay(), TrainingStep(), AdamWStep())}
+TASKS: Dict[str, Task] = {task.name: task for task in (CoupledGrad(), TensorNorms(), DecoupledDecay(), TrainingStep(), AdamWStep())}
 
 
 # -- the peers: how people regularize today -------------------------------------------
@@ -409,7 +409,7 @@ def grad_floor(params: Sequence[Tensor]) -> None:
         torch._foreach_add_([p.grad for p in params], list(params), alpha=0)
 
 
-def naive_norms(params: Sequence[Tensor]) -> Tuple[Tensor, Tensor]:
+def norms_loop(params: Sequence[Tensor]) -> Tuple[Tensor, Tensor]:
     return (
         torch.stack([p.abs().sum(dtype=torch.float32) for p in params]),
         torch.stack([torch.norm(p.float(), 2) for p in params]),
@@ -423,13 +423,13 @@ def foreach_norms(params: Sequence[Tensor]) -> Tuple[Tensor, Tensor]:
     )
 
 
-def naive_decay(params: Sequence[Tensor], lr: float, l1: float, l2: float) -> None:
+def decay_loop(params: Sequence[Tensor], lr: float, l1: float, l2: float) -> None:
     for p in params:
         p.mul_(1 - lr * l2)
-        naive_prox([p], lr * l1)
+        prox_loop([p], lr * l1)
 
 
-def naive_prox(params: Sequence[Tensor], threshold: float) -> None:
+def prox_loop(params: Sequence[Tensor], threshold: float) -> None:
     """The L1 soft threshold as a loop over tensors: ``sign(w) * max(|w| - threshold, 0)``."""
     with torch.no_grad():
         for p in params:

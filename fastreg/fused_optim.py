@@ -27,7 +27,7 @@ from typing import Any, Callable, Dict, List, Optional, Tuple
 import torch
 from torch import Tensor
 
-from . import _build, _calls, _dispatch, distributed
+from . import _build, _calls, _dispatch, _plan, distributed
 from ._dispatch import Coefficients
 from .backends import get_backend
 
@@ -269,7 +269,7 @@ class _Fused:
             if key is None or not self._fusable(group, params, kernels) or not self._contiguous_state(work):
                 found = _FALLBACK
             else:
-                found = [_Bucket(dtype, None if len(split) == 1 else positions, _extents([params[i] for i in positions]))
+                found = [_Bucket(dtype, None if len(split) == 1 else positions, _plan.extents([params[i] for i in positions]))
                          for split in [_dispatch.split(params)] for _, dtype, positions in split]
             if key is not None:
                 self._tables.put(key, found)
@@ -349,7 +349,7 @@ class _Fused:
                 continue
             coefs = self._coefficients(work.group)
             track = self.track_penalty and not coefs.is_zero()
-            rows = _rows(coefs)
+            rows = coefs.row_groups
             for bucket in work.buckets:
                 value = self._run(kernels, self._table(work, bucket, rows, kernels), bucket, work, coefs, track,
                                   grad_scale, found_inf)
@@ -458,17 +458,9 @@ def _unhooked(step: Callable) -> Callable:
     return func.__get__(step.__self__) if hasattr(step, "__self__") else func
 
 
-def _extents(tensors: List[Tensor]) -> Tensor:
-    return torch.tensor([(t.numel(), t.shape[0] if t.dim() >= 2 else 1) for t in tensors], dtype=torch.long).reshape(-1, 2)
-
-
 def _kernel_tensors(params: List[Tensor]) -> bool:
     """Whether the CPU kernel takes these params (with a gradient) and their gradients."""
     return all(p.device.type == "cpu" and p.is_contiguous() and p.grad.is_contiguous() for p in params)
-
-
-def _rows(coefs: Coefficients) -> bool:
-    return coefs.group_dim == 0 and coefs.group_lasso != 0.0
 
 
 def _over_buckets(op: str, rows: Dict[str, List[Tensor]], row_groups: bool, run: Callable) -> Tensor:
@@ -491,7 +483,7 @@ def _over_buckets(op: str, rows: Dict[str, List[Tensor]], row_groups: bool, run:
     chunk, max_groups = get_backend("cpp").layout_limits(torch.device("cpu"))
     values = []
     for _, dtype, positions in _dispatch.split(params):
-        table = kernels.layout(_extents([params[i] for i in positions]), row_groups, len(rows), chunk, max_groups)
+        table = kernels.layout(_plan.extents([params[i] for i in positions]), row_groups, len(rows), chunk, max_groups)
         for r, row in enumerate(rows.values()):
             kernels.set_ptrs(table, r, [row[i] for i in positions])
         value = run(kernels, table, dtype, positions)
@@ -619,7 +611,7 @@ class _AdamFused(_Fused):
     def _compiled_run(self, group, params, lists, coefs, track, grad_scale, found_inf) -> Tensor:
         return torch.ops.fastreg.adam_step_(params, [p.grad for p in params], lists[0], lists[1], lists[2],
                                             lists[3] if group["amsgrad"] else [], grad_scale=grad_scale,
-                                            found_inf=found_inf, row_groups=_rows(coefs), track=track,
+                                            found_inf=found_inf, row_groups=coefs.row_groups, track=track,
                                             **self._arguments(group, coefs))
 
 
@@ -752,7 +744,7 @@ class SGD(_Fused, torch.optim.SGD):
             if any(fresh):
                 first = torch.tensor(fresh, dtype=torch.bool)
         value = torch.ops.fastreg.sgd_step_(params, [p.grad for p in params], buffers, first, grad_scale=grad_scale,
-                                            found_inf=found_inf, row_groups=_rows(coefs), track=track,
+                                            found_inf=found_inf, row_groups=coefs.row_groups, track=track,
                                             **self._arguments(group, coefs))
         for p, b in zip(params, buffers):
             self.state[p]["momentum_buffer"] = b

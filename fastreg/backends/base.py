@@ -53,6 +53,12 @@ class Coefficients:
     def is_zero(self) -> bool:
         return self.l1 == 0.0 and self.l2 == 0.0 and self.group_lasso == 0.0
 
+    @property
+    def row_groups(self) -> bool:
+        """Whether the work layout cuts tensors into rows: group lasso over ``group_dim=0``
+        (without a group-lasso term, every tensor is one group whatever ``group_dim`` says)."""
+        return self.group_dim == 0 and self.group_lasso != 0.0
+
     def replace(self, **changes) -> "Coefficients":
         return dataclasses.replace(self, **changes)
 
