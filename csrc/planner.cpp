@@ -82,8 +82,6 @@ const at::Tensor* plain_tensor(PyObject* object) {
 // the tensors.
 struct Key {
   std::vector<int64_t> words;
-
-  bool operator==(const Key& other) const { return words == other.words; }
 };
 
 // The two ways a list's words are used: written into a key, or compared with a cached one.

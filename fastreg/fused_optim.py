@@ -239,13 +239,17 @@ class _Fused:
         work = _Work(index, group, params, lists, None)
         if kernels is None:
             return self._fallback_work(index, group, params, lists)
-        if self._tables is None:
-            self._tables = kernels.PlanCache(CACHE_SIZE)
-        work.found, work.key = self._tables.lookup(params, self._kind, self._keyed(work))
+        self._lookup(work, kernels)
         if work.found is None:
             self._check_grads(group, index)
             self._check_state(work, f"param_groups[{index}]")
         return work
+
+    def _lookup(self, work: _Work, kernels) -> None:
+        """The plan cache's answer for the group's tensors and state, into ``work``."""
+        if self._tables is None:
+            self._tables = kernels.PlanCache(CACHE_SIZE)
+        work.found, work.key = self._tables.lookup(work.params, self._kind, self._keyed(work))
 
     def _prepare(self, work: _Work, kernels) -> _Work:
         """A checked group's step, ready to run: its state made (or brought to the kernel's
@@ -256,15 +260,13 @@ class _Fused:
         if work.lists is None:
             self._init_state(group, params)
             work.lists = self._state_lists(group, params)
-            if self._tables is None:
-                self._tables = kernels.PlanCache(CACHE_SIZE)
-            work.found, work.key = self._tables.lookup(params, self._kind, self._keyed(work))
+            self._lookup(work, kernels)
             if work.found is None:
                 # State the group had in part (a hand-made or broken one), now completed.
                 self._check_state(work, f"param_groups[{index}]")
+        if work.found is None and self._normalize_state(work):
+            self._lookup(work, kernels)
         found, key = work.found, work.key
-        if found is None and self._normalize_state(work):
-            found, key = self._tables.lookup(params, self._kind, self._keyed(work))
         if found is None:
             if key is None or not self._fusable(group, params, kernels) or not self._contiguous_state(work):
                 found = _FALLBACK
@@ -316,12 +318,8 @@ class _Fused:
         table = bucket.tables.get(rows)
         if table is not None:
             return table
-        pick = (lambda row: row) if bucket.positions is None else (lambda row: [row[i] for i in bucket.positions])
-        chunk, max_groups = get_backend("cpp").layout_limits(torch.device("cpu"))
-        rows_list = [work.params, [p.grad for p in work.params]] + work.lists
-        table = kernels.layout(bucket.extents, rows, len(rows_list), chunk, max_groups)
-        for r, row in enumerate(rows_list):
-            kernels.set_ptrs(table, r, pick(row))
+        table = _layout(kernels, bucket.extents, rows, [work.params, [p.grad for p in work.params]] + work.lists,
+                        bucket.positions)
         bucket.tables[rows] = table
         return table
 
@@ -356,12 +354,15 @@ class _Fused:
                 if track:
                     values.append(value)
             self._after_fused(work, found_inf)
-        if self.track_penalty:
-            self._log["last_penalty"] = _dispatch.total(values, _dispatch.result_dtype(values), values[0].device) if values else None
+        self._record_penalty(values)
         return loss
 
     def _after_fused(self, work: _Work, found_inf: Optional[Tensor]) -> None:
         pass
+
+    def _record_penalty(self, values: List[Tensor]) -> None:
+        if self.track_penalty:
+            self._log["last_penalty"] = _dispatch.total(values, _dispatch.result_dtype(values), values[0].device) if values else None
 
     # -- under torch.compile ----------------------------------------------------------------
     _compiled_run: Optional[Callable] = None
@@ -403,8 +404,7 @@ class _Fused:
                                        found_inf)
             if track:
                 values.append(value)
-        if self.track_penalty:
-            self._log["last_penalty"] = _dispatch.total(values, _dispatch.result_dtype(values), values[0].device) if values else None
+        self._record_penalty(values)
 
     def _fallback_step(self, works: List[_Work], grad_scale: Optional[Tensor], found_inf: Optional[Tensor]) -> List[Tensor]:
         """torch's step for these groups, with fastreg's penalty before and prox after it."""
@@ -463,10 +463,22 @@ def _kernel_tensors(params: List[Tensor]) -> bool:
     return all(p.device.type == "cpu" and p.is_contiguous() and p.grad.is_contiguous() for p in params)
 
 
+def _layout(kernels, extents: Tensor, row_groups: bool, rows: List[List[Tensor]], positions: Optional[List[int]]) -> Tensor:
+    """A fused step's work-layout table: the layout of ``extents`` with the cpp backend's limits,
+    and a pointer row per list of ``rows`` (params, grads, then the state), each restricted to
+    ``positions`` (None: every tensor)."""
+    chunk, max_groups = get_backend("cpp").layout_limits(torch.device("cpu"))
+    table = kernels.layout(extents, row_groups, len(rows), chunk, max_groups)
+    for r, row in enumerate(rows):
+        kernels.set_ptrs(table, r, row if positions is None else [row[i] for i in positions])
+    return table
+
+
 def _over_buckets(op: str, rows: Dict[str, List[Tensor]], row_groups: bool, run: Callable) -> Tensor:
     """The body of a fused step op: ``rows`` (params, grads, then the state, each one tensor per
     param: a float32 scalar for ``steps``) checked, laid out per dtype bucket as the eager step's
-    tables, and ``run(kernels, table, dtype)`` on each; the total of the values it returns."""
+    tables, and ``run(kernels, table, dtype, positions)`` on each; the total of the values it
+    returns."""
     kernels = _kernels()
     torch._check(kernels is not None, lambda: f"fastreg::{op} needs the CPU extension: {_build.cpu_unavailable_reason()}")
     params = rows["params"]
@@ -480,12 +492,10 @@ def _over_buckets(op: str, rows: Dict[str, List[Tensor]], row_groups: bool, run:
                 torch._check(t.shape == p.shape and t.dtype == p.dtype and t.device == p.device and t.is_contiguous(),
                              lambda: f"fastreg::{op}: {name}[{i}] is {t.dtype} {tuple(t.shape)} on {t.device}, not a "
                              f"contiguous tensor like params[{i}] ({p.dtype} {tuple(p.shape)} on {p.device})")
-    chunk, max_groups = get_backend("cpp").layout_limits(torch.device("cpu"))
     values = []
     for _, dtype, positions in _dispatch.split(params):
-        table = kernels.layout(_plan.extents([params[i] for i in positions]), row_groups, len(rows), chunk, max_groups)
-        for r, row in enumerate(rows.values()):
-            kernels.set_ptrs(table, r, [row[i] for i in positions])
+        table = _layout(kernels, _plan.extents([params[i] for i in positions]), row_groups, list(rows.values()),
+                        positions)
         value = run(kernels, table, dtype, positions)
         if value is not None:
             values.append(value)
