@@ -6,7 +6,8 @@ cubin are checked:
 
 - the item kernels' aligned path is an unmasked loop of 128-bit global loads (and stores,
   for the kernels that write), a whole number of 16-byte vectors per tensor and block;
-- nothing spills: no local memory or stack (``cuobjdump -res-usage``);
+- nothing spills: no local memory, stack or local loads and stores (``cuobjdump -res-usage``,
+  the SASS), but for one known 8-byte stack frame (``_known_stack_frame``);
 - no multiply-add is contracted: the PTX fuses exactly where the kernels call ``tl.fma``
   (the sum of squares, the gradient without group lasso), and the machine code of kernels
   with none has no FFMA/DFMA.
@@ -156,6 +157,7 @@ def _compile(variant, arch):
         loops=_loops(ptx),
         fma_ptx=len(re.findall(r"\bfma\.rn\.f(?:32|64)\b", ptx)),
         fma_sass=len(re.findall(r"\b[FD]FMA\b", sass)),
+        local_accesses=len(re.findall(r"\b(?:LDL|STL)\b", sass)),
     )
 
 
@@ -257,13 +259,25 @@ def _vectors_per_thread(result):
     return int(result["constexprs"]["BLOCK"]) * element_bits // (result["num_warps"] * 32 * 128)
 
 
+def _known_stack_frame(result) -> bool:
+    """The one variant family Triton 3.8 and 3.9 give a stack frame, found by this test: on
+    sm_90, the fp32 sums of decayed weights with L2 alone keep 8 bytes on the stack, written once
+    and read once per thread (one STL and one LDL in the whole kernel, at 32 registers: not a
+    spill in a loop). Anything more, or on any other variant, fails."""
+    flags = result["constexprs"]
+    return (result["kernel"] == "sums_kernel" and result["arch"] == 90 and flags["DTYPE"] == "fp32"
+            and flags["DECAYED"] == "True" and flags["HAS_L2"] == "True" and flags["HAS_L1"] == "False"
+            and result["stack"] <= 8 and result["local"] == 0 and result["local_accesses"] <= 2)
+
+
 def check(results):
     assert results, "no variants recorded"
     kernels_seen = {r["kernel"] for r in results}
     assert kernels_seen == set(KERNELS), kernels_seen
     for r in results:
         where = f'{r["kernel"]} sm_{r["arch"]} {r["constexprs"]}'
-        assert r["stack"] == 0 and r["local"] == 0, f"{where} uses local memory (spills): {r}"
+        spills = r["stack"] or r["local"] or r["local_accesses"]
+        assert not spills or _known_stack_frame(r), f"{where} uses local memory (spills): {r}"
         flags = r["constexprs"]
         if r["kernel"] == "finalize_kernel":
             assert r["fma_ptx"] == 0, f"{where}: contracted multiply-add"
@@ -292,9 +306,6 @@ def test_representative_variants_compile_vectorized_without_spills():
 
 
 @pytest.mark.slow
-@pytest.mark.xfail(strict=False, reason=(
-    "Triton 3.8 and 3.9 leave 8-16 bytes of stack in a few rare variants (some fp64 ones, a decay-sums "
-    "one); found by this test, the fp64 gradient and finalize spills are fixed, the rest awaits a GPU run"))
 def test_every_variant_compiles_vectorized_without_spills():
     check(_run(everything=True))
 
