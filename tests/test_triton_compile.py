@@ -260,7 +260,7 @@ def _vectors_per_thread(result):
 
 
 def _known_stack_frame(result) -> bool:
-    """The one variant family Triton 3.8 and 3.9 give a stack frame, found by this test: on
+    """The one variant family Triton 3.9 (torch 2.13's) gives a stack frame, found by this test: on
     sm_90, the fp32 sums of decayed weights with L2 alone keep 8 bytes on the stack, written once
     and read once per thread (one STL and one LDL in the whole kernel, at 32 registers: not a
     spill in a loop). Anything more, or on any other variant, fails."""
