@@ -133,14 +133,6 @@ def _probe_extension(root: Path) -> _build._Extension:
     return _build._Extension("fastreg_probe", ["probe.cpp"], [], root=root)
 
 
-def _target(which: str, probe: Path) -> str:
-    return "cpu" if which == "cpu" else str(probe)
-
-
-def _sources(which: str) -> int:
-    return len(_build.CPU.sources) if which == "cpu" else 1
-
-
 def _compiler_wrapper(tmp_path: Path, delay: float = 0) -> Path:
     """A CXX that appends each compile command to compiles.log (next to it), waits ``delay``
     seconds, and runs the real compiler; cpp_extension's version checks and links pass straight."""
@@ -251,15 +243,14 @@ def test_killed_build_costs_the_next_process_one_build(tmp_path, probe, processe
 
 # The probe only: the real extension builds through the lock in the slow tier's damaged-binary
 # test (each real build costs CI one to two minutes of its budget).
-@pytest.mark.parametrize("which", ["probe"])
-def test_first_use_by_several_processes_builds_once(which, tmp_path, probe, processes):
-    wrapper = _compiler_wrapper(tmp_path, delay=3 if which == "probe" else 0)  # others arrive mid-build
-    started = [processes.start_ensure(_target(which, probe), tmp_path / "build", cxx=wrapper) for _ in range(3)]
+def test_first_use_by_several_processes_builds_once(tmp_path, probe, processes):
+    wrapper = _compiler_wrapper(tmp_path, delay=3)  # others arrive mid-build
+    started = [processes.start_ensure(str(probe), tmp_path / "build", cxx=wrapper) for _ in range(3)]
     results = [processes.finish(process)[0] for process in started]
     assert [r["reason"] for r in results] == [None] * 3
     assert len({r["value"] for r in results}) == 1 and results[0]["value"] is not None
-    # one build: each source compiled once
-    assert len((tmp_path / "compiles.log").read_text().splitlines()) == _sources(which)
+    # one build: the probe's one source compiled once
+    assert len((tmp_path / "compiles.log").read_text().splitlines()) == 1
 
 
 def test_waiting_for_a_live_holder_is_said_once_then_given_up(tmp_path, probe, processes, monkeypatch, capfd):
