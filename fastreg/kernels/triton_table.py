@@ -258,6 +258,48 @@ def block_step(
 
 
 @device_function
+def item_of(table):
+    """Work item ``program_id(0)`` of ``table``: ``(pid, tensors, groups, slots, ptrs,
+    g, g_end, item)``. ``slots`` counts the workspace's sums of each kind (groups + items),
+    ``ptrs`` is the address rows' first word, ``[g, g_end)`` the item's groups, and ``item``
+    the words :func:`run_of` reads."""
+    pid = tl.program_id(0).to(tl.int64)
+    num_groups = tl.load(table + H_GROUPS)
+    words = table + tl.load(table + H_ITEMS_AT) + pid * ITEM_WORDS
+    return (
+        pid, tl.load(table + H_TENSORS), num_groups, num_groups + tl.load(table + H_ITEMS),
+        table + tl.load(table + H_PTRS_AT), tl.load(words + ITEM_GROUP), tl.load(words + ITEM_GROUP_END),
+        (table + tl.load(table + H_GROUPS_AT), tl.load(table + H_CHUNK), tl.load(words + ITEM_OFFSET),
+         tl.load(words + ITEM_LEN)),
+    )
+
+
+@device_function
+def run_of(item, g):
+    """The run of group ``g`` in ``item`` (from :func:`item_of`): ``(tensor, first element,
+    length, split)``, the whole group or the item's piece of a group longer than a chunk
+    (``split``)."""
+    groups, chunk, offset, item_len = item
+    row = groups + g * GROUP_WORDS
+    length = tl.load(row + GROUP_LEN)
+    split = length > chunk
+    start = tl.load(row + GROUP_START) + tl.where(split, offset, 0)
+    length = tl.where(split, item_len, length)
+    return tl.load(row + GROUP_TENSOR), start, length, split
+
+
+@device_function
+def store_sums(ws, slots, num_groups, g, pid, split, abs_acc, sq_acc, ABS: tl.constexpr):
+    """A run's sums into the workspace: ``ws[1 + slot]`` (``ABS``: ``sum |x|``) and
+    ``ws[1 + slots + slot]`` (``sum x^2``), ``slot`` the group for a whole group and
+    ``groups + item`` for a piece of a split one."""
+    slot = 1 + tl.where(split, num_groups + pid, g)
+    if ABS:
+        tl.store(ws + slot, tl.sum(abs_acc, 0))
+    tl.store(ws + slots + slot, tl.sum(sq_acc, 0))
+
+
+@device_function
 def item_pass(
     table, ws, scales, out, c0, c1, c2,
     DTYPE: tl.constexpr, ACC: tl.constexpr, BLOCK: tl.constexpr, OP: tl.constexpr,
@@ -273,26 +315,10 @@ def item_pass(
     group for a whole group and ``groups + item`` for a piece of a split one."""
     ES: tl.constexpr = DTYPE.primitive_bitwidth // 8
     VEC: tl.constexpr = 16 // ES
-    pid = tl.program_id(0).to(tl.int64)
-    num_tensors = tl.load(table + H_TENSORS)
-    num_groups = tl.load(table + H_GROUPS)
-    slots = num_groups + tl.load(table + H_ITEMS)
-    chunk = tl.load(table + H_CHUNK)
-    ptrs = table + tl.load(table + H_PTRS_AT)
-    groups = table + tl.load(table + H_GROUPS_AT)
-    item = table + tl.load(table + H_ITEMS_AT) + pid * ITEM_WORDS
-    g = tl.load(item + ITEM_GROUP)
-    g_end = tl.load(item + ITEM_GROUP_END)
-    offset = tl.load(item + ITEM_OFFSET)
-    item_len = tl.load(item + ITEM_LEN)
+    pid, num_tensors, num_groups, slots, ptrs, g, g_end, item = item_of(table)
     lanes = tl.arange(0, BLOCK)
     while g < g_end:
-        row = groups + g * GROUP_WORDS
-        tensor = tl.load(row + GROUP_TENSOR)
-        length = tl.load(row + GROUP_LEN)
-        split = length > chunk
-        start = tl.load(row + GROUP_START) + tl.where(split, offset, 0)
-        length = tl.where(split, item_len, length)
+        tensor, start, length, split = run_of(item, g)
         w_addr = tl.load(ptrs + tensor) + start * ES
         aligned = (w_addr % 16 == 0) & (length % VEC == 0)
         if OP == OP_GRAD:
@@ -347,10 +373,7 @@ def item_pass(
                 )
                 k += BLOCK
         if SUMS:
-            slot = 1 + tl.where(split, num_groups + pid, g)
-            if ABS:
-                tl.store(ws + slot, tl.sum(abs_acc, 0))
-            tl.store(ws + slots + slot, tl.sum(sq_acc, 0))
+            store_sums(ws, slots, num_groups, g, pid, split, abs_acc, sq_acc, ABS)
         g += 1
 
 
