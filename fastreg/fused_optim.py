@@ -11,12 +11,16 @@ A step is ``Regularized(torch_optimizer, mode="decoupled")`` with ``l2=0``: torc
 the soft threshold of ``l1`` and the block shrink of ``group_lasso``, both scaled by the
 group's current ``lr``; they leave exact zeros.
 
-On CPU, for float32 / float64 / bfloat16 / float16 params, the step is one C++ kernel over a
-work-layout table (``csrc/fastreg_optim.cpp``): one pass over the weights, gradients and state
-per element (a second pass over the weights alone for group lasso), which also sums the
-penalty of the starting weights. Its update is torch's fused CPU kernel's, operation for
-operation. Every other case (other devices, ``differentiable`` or ``capturable`` groups,
-non-contiguous tensors, no C++ compiler) runs torch's own step for those groups and fastreg's
+For float32 / float64 / bfloat16 / float16 params the step is one kernel over a work-layout
+table per (device, dtype) bucket: one pass over the weights, gradients and state per element
+(a second pass over the weights alone for group lasso), which also sums the penalty of the
+starting weights. On CPU it is the ``cpp`` backend's C++ kernel (``csrc/fastreg_optim.cpp``),
+whose update is torch's fused CPU kernel's, operation for operation. On CUDA it is the
+``triton`` backend's (:mod:`fastreg.kernels.triton_optim`), whose update is torch's fused CUDA
+kernel's, type for type; it reads ``lr``, the steps and GradScaler's tensors on the device,
+so ``capturable`` groups fuse too. Every other case (other devices, ``differentiable``
+groups, ``capturable`` ones on CPU, non-contiguous tensors, no C++ compiler, a ``backend``
+without fused steps such as ``"torch"``) runs torch's own step for those groups and fastreg's
 decay ops around it: the same composition, unfused.
 """
 from __future__ import annotations
@@ -29,7 +33,7 @@ from torch import Tensor
 
 from . import _build, _calls, _dispatch, _plan, distributed
 from ._dispatch import Coefficients
-from .backends import get_backend
+from .backends import Backend, get_backend
 
 REGULARIZATION_KEYS = ("l1", "group_lasso", "group_dim")
 CACHE_SIZE = 32
@@ -66,11 +70,14 @@ class _Bucket:
     """A bucket: the tensors of one dtype of a fused param group, and their tables."""
 
     dtype: torch.dtype
+    backend: Backend
+    """Whose fused kernel steps the bucket (see :meth:`_Fused._fusable`)."""
     positions: Optional[List[int]]
     """Positions among the group's tensors with a gradient (None: all of them)."""
     extents: Tensor
-    tables: Dict[bool, Tensor] = dataclasses.field(default_factory=dict)
-    """By row grouping, as fastreg._plan.Bucket.tables: built from the addresses the key holds."""
+    tables: Dict[bool, Any] = dataclasses.field(default_factory=dict)
+    """By row grouping, as fastreg._plan.Bucket.tables: built from the addresses the key holds,
+    where the backend's kernels read them."""
 
 
 _FALLBACK = "fallback"
@@ -95,6 +102,8 @@ class _Work:
     """SGD: one flag per tensor whose momentum buffer is new (allocated for this step)."""
     fallback: bool = False
     """Runs torch's step (``buckets`` stays None)."""
+    backend: Optional[Backend] = None
+    """The fused kernel's backend, chosen when the group is checked (None: torch's step)."""
     found: Any = None
     key: Any = None
     """The plan cache's answer for the group's tensors and state: its buckets (or the fallback
@@ -107,8 +116,10 @@ class _Fused:
     _kind: int
 
     # -- construction -------------------------------------------------------------------
-    def _init_regularization(self, l1, group_lasso, group_dim, track_penalty) -> None:
+    def _init_regularization(self, l1, group_lasso, group_dim, track_penalty, backend) -> None:
         coefs = _dispatch.make_coefficients(l1=l1, group_lasso=group_lasso, group_dim=group_dim)
+        _dispatch.check_backend_name(backend)
+        self.backend = backend
         self._regularization = {"l1": coefs.l1, "group_lasso": coefs.group_lasso, "group_dim": coefs.group_dim}
         self.track_penalty = bool(track_penalty)
         # A dict for the reason fastreg.Regularized gives: torch.compile replays dict mutations.
@@ -159,6 +170,7 @@ class _Fused:
         defaults = self.defaults
         self.__dict__.setdefault("_regularization", {key: defaults.get(key) for key in REGULARIZATION_KEYS})
         self.__dict__.setdefault("track_penalty", True)
+        self.__dict__.setdefault("backend", None)
         self.__dict__.setdefault("_log", {"last_penalty": None})
         self.__dict__.setdefault("_tables", None)
         self._step_supports_amp_scaling = True
@@ -167,6 +179,7 @@ class _Fused:
         state = super().__getstate__()
         state["_regularization"] = self._regularization
         state["track_penalty"] = self.track_penalty
+        state["backend"] = self.backend
         return state
 
     def load_state_dict(self, state_dict: Dict[str, Any]) -> None:
@@ -207,10 +220,21 @@ class _Fused:
             _dispatch.check_coefficient(f"{name}[{key!r}]", group[key])
         self._check_hyper(group, name)
 
-    def _fusable(self, group: Dict[str, Any], params: List[Tensor], kernels) -> bool:
-        if kernels is None or group.get("differentiable") or group.get("capturable"):
-            return False
-        return _kernel_tensors(params)
+    def _fusable(self, group: Dict[str, Any], params: List[Tensor], kernels) -> Optional[Backend]:
+        """The backend whose fused kernel steps the group's params with a gradient, or None
+        (torch's step and fastreg's decay ops). ``auto`` takes the backend fastreg's ops would
+        on the params' device; one asked for by name that cannot run there is an error."""
+        if kernels is None and _dispatch.requested_backend(self.backend)[0] == "auto":
+            return None
+        device = params[0].device
+        backend = None
+        for dtype in {p.dtype for p in params}:
+            backend = _dispatch.backend_for(self.backend, device, dtype)
+        if kernels is None or group.get("differentiable") or backend.step_ops(device) is None:
+            return None
+        if device.type == "cpu" and group.get("capturable"):
+            return None  # torch's step says what capturable means on CPU
+        return backend if _kernel_tensors(params, device) else None
 
     def _check_grads(self, group: Dict[str, Any], index: int) -> None:
         name = f"param_groups[{index}]['params']"
@@ -233,9 +257,10 @@ class _Fused:
         if lists is None:
             # The first step of these params: their state is made by _prepare.
             self._check_grads(group, index)
-            if not self._fusable(group, params, kernels):
+            backend = self._fusable(group, params, kernels)
+            if backend is None:
                 return self._fallback_work(index, group, params)
-            return _Work(index, group, params, None, None)
+            return _Work(index, group, params, None, None, backend=backend)
         work = _Work(index, group, params, lists, None)
         if kernels is None:
             return self._fallback_work(index, group, params, lists)
@@ -243,6 +268,7 @@ class _Fused:
         if work.found is None:
             self._check_grads(group, index)
             self._check_state(work, f"param_groups[{index}]")
+            work.backend = self._fusable(group, params, kernels)
         return work
 
     def _lookup(self, work: _Work, kernels) -> None:
@@ -268,10 +294,11 @@ class _Fused:
             self._lookup(work, kernels)
         found, key = work.found, work.key
         if found is None:
-            if key is None or not self._fusable(group, params, kernels) or not self._contiguous_state(work):
+            if key is None or work.backend is None or not self._contiguous_state(work):
                 found = _FALLBACK
             else:
-                found = [_Bucket(dtype, None if len(split) == 1 else positions, _plan.extents([params[i] for i in positions]))
+                found = [_Bucket(dtype, work.backend, None if len(split) == 1 else positions,
+                                 _plan.extents([params[i] for i in positions]))
                          for split in [_dispatch.split(params)] for _, dtype, positions in split]
             if key is not None:
                 self._tables.put(key, found)
@@ -310,7 +337,7 @@ class _Fused:
             self._check_state(_Work(index, group, params, lists, None), f"param_groups[{index}]")
         call = None
         if not self._coefficients(group).is_zero():
-            call = _calls.prepare(group["params"], None, with_grads=True, writes_params=True,
+            call = _calls.prepare(group["params"], self.backend, with_grads=True, writes_params=True,
                                   name=f"param_groups[{index}]['params']", devices=True)
         return _Work(index, group, params, [], None, call, fallback=True)
 
@@ -318,8 +345,8 @@ class _Fused:
         table = bucket.tables.get(rows)
         if table is not None:
             return table
-        table = _layout(kernels, bucket.extents, rows, [work.params, [p.grad for p in work.params]] + work.lists,
-                        bucket.positions)
+        table = _layout(kernels, bucket.backend, work.params[0].device, bucket.extents, rows,
+                        [work.params, [p.grad for p in work.params]] + work.lists, bucket.positions)
         bucket.tables[rows] = table
         return table
 
@@ -348,9 +375,10 @@ class _Fused:
             coefs = self._coefficients(work.group)
             track = self.track_penalty and not coefs.is_zero()
             rows = coefs.row_groups
+            device = work.params[0].device
             for bucket in work.buckets:
-                value = self._run(kernels, self._table(work, bucket, rows, kernels), bucket, work, coefs, track,
-                                  grad_scale, found_inf)
+                value = self._run(bucket.backend.step_ops(device), self._table(work, bucket, rows, kernels), bucket, work,
+                                  coefs, track, grad_scale, found_inf)
                 if track:
                     values.append(value)
             self._after_fused(work, found_inf)
@@ -458,20 +486,23 @@ def _unhooked(step: Callable) -> Callable:
     return func.__get__(step.__self__) if hasattr(step, "__self__") else func
 
 
-def _kernel_tensors(params: List[Tensor]) -> bool:
-    """Whether the CPU kernel takes these params (with a gradient) and their gradients."""
-    return all(p.device.type == "cpu" and p.is_contiguous() and p.grad.is_contiguous() for p in params)
+def _kernel_tensors(params: List[Tensor], device: torch.device = torch.device("cpu")) -> bool:
+    """Whether a fused kernel takes these params (with a gradient) and their gradients: all
+    contiguous, on ``device``."""
+    return all(p.device == device and p.is_contiguous() and p.grad.is_contiguous() and p.grad.device == device
+               for p in params)
 
 
-def _layout(kernels, extents: Tensor, row_groups: bool, rows: List[List[Tensor]], positions: Optional[List[int]]) -> Tensor:
-    """A fused step's work-layout table: the layout of ``extents`` with the cpp backend's limits,
-    and a pointer row per list of ``rows`` (params, grads, then the state), each restricted to
-    ``positions`` (None: every tensor)."""
-    chunk, max_groups = get_backend("cpp").layout_limits(torch.device("cpu"))
+def _layout(kernels, backend: Backend, device: torch.device, extents: Tensor, row_groups: bool,
+            rows: List[List[Tensor]], positions: Optional[List[int]]):
+    """A fused step's work-layout table where ``backend``'s kernels on ``device`` read it: the
+    layout of ``extents`` with its limits, and an address row per list of ``rows`` (params,
+    grads, then the state), each restricted to ``positions`` (None: every tensor)."""
+    chunk, max_groups = backend.layout_limits(device)
     table = kernels.layout(extents, row_groups, len(rows), chunk, max_groups)
     for r, row in enumerate(rows):
         kernels.set_ptrs(table, r, row if positions is None else [row[i] for i in positions])
-    return table
+    return backend.table_to_device(table, device)
 
 
 def _over_buckets(op: str, rows: Dict[str, List[Tensor]], row_groups: bool, run: Callable) -> Tensor:
@@ -494,8 +525,8 @@ def _over_buckets(op: str, rows: Dict[str, List[Tensor]], row_groups: bool, run:
                              f"contiguous tensor like params[{i}] ({p.dtype} {tuple(p.shape)} on {p.device})")
     values = []
     for _, dtype, positions in _dispatch.split(params):
-        table = _layout(kernels, _plan.extents([params[i] for i in positions]), row_groups, list(rows.values()),
-                        positions)
+        table = _layout(kernels, get_backend("cpp"), torch.device("cpu"), _plan.extents([params[i] for i in positions]),
+                        row_groups, list(rows.values()), positions)
         value = run(kernels, table, dtype, positions)
         if value is not None:
             values.append(value)
@@ -592,10 +623,11 @@ class _AdamFused(_Fused):
     def _normalize_state(self, work: _Work) -> bool:
         changed = False
         for p, step in zip(work.params, work.lists[2]):
-            if not (isinstance(step, Tensor) and step.dtype == torch.float32 and step.device.type == "cpu" and step.dim() == 0):
+            if not (isinstance(step, Tensor) and step.dtype == torch.float32 and step.device == p.device and step.dim() == 0):
                 # A step of torch's unfused optimizers (float64 where the default dtype is
-                # float64, a number in old checkpoints): the same count, as the kernel reads it.
-                self.state[p]["step"] = torch.tensor(float(step), dtype=torch.float32)
+                # float64, on the CPU for CUDA params, a number in old checkpoints): the same
+                # count, where the kernel reads it.
+                self.state[p]["step"] = torch.tensor(float(step), dtype=torch.float32, device=p.device)
                 changed = True
         if changed:
             work.lists[:] = self._state_lists(work.group, work.params)
@@ -614,9 +646,9 @@ class _AdamFused(_Fused):
                     amsgrad=bool(group["amsgrad"]), maximize=bool(group["maximize"]), l1=coefs.l1,
                     l2=self._prox_l2(coefs), group_lasso=coefs.group_lasso, penalty_l2=coefs.l2)
 
-    def _run(self, kernels, table, bucket, work, coefs, track, grad_scale, found_inf) -> Tensor:
-        return kernels.adam_step_(table, bucket.dtype, grad_scale=grad_scale, found_inf=found_inf, track=track,
-                                  **self._arguments(work.group, coefs))
+    def _run(self, ops, table, bucket, work, coefs, track, grad_scale, found_inf) -> Tensor:
+        return ops.adam_step_(table, bucket.dtype, grad_scale=grad_scale, found_inf=found_inf, track=track,
+                              **self._arguments(work.group, coefs))
 
     def _compiled_run(self, group, params, lists, coefs, track, grad_scale, found_inf) -> Tensor:
         return torch.ops.fastreg.adam_step_(params, [p.grad for p in params], lists[0], lists[1], lists[2],
@@ -626,7 +658,7 @@ class _AdamFused(_Fused):
 
 
 class AdamW(_AdamFused, torch.optim.AdamW):
-    """``torch.optim.AdamW`` with L1 and group-lasso proximal terms, fused on CPU.
+    """``torch.optim.AdamW`` with L1 and group-lasso proximal terms, fused on CPU and CUDA.
 
     Args: torch's (``params``, ``lr`` (a number or a one-element tensor), ``betas``, ``eps``,
     ``weight_decay`` (decoupled), ``amsgrad``, ``maximize``, and the rest by keyword), plus:
@@ -637,41 +669,44 @@ class AdamW(_AdamFused, torch.optim.AdamW):
             dim 0 of a tensor with two or more dims); a group key too.
         track_penalty: keep the penalty of each step's starting weights in
             :attr:`last_penalty`; the fused kernel sums it in the same pass.
+        backend: ``"auto"`` (``cpp`` on CPU, ``triton`` then ``cuda`` on CUDA), a backend
+            name, or ``None`` for ``FASTREG_BACKEND``'s; one without fused steps (``"torch"``,
+            ``"reference"``) runs the composition with that backend's decay ops.
 
     See :mod:`fastreg.fused_optim` for when the fused kernel runs.
     """
 
     def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=1e-2, amsgrad=False, *,
                  l1: float = 0.0, group_lasso: float = 0.0, group_dim: Optional[int] = None,
-                 track_penalty: bool = True, **options) -> None:
-        self._init_regularization(l1, group_lasso, group_dim, track_penalty)
+                 track_penalty: bool = True, backend: Optional[str] = None, **options) -> None:
+        self._init_regularization(l1, group_lasso, group_dim, track_penalty, backend)
         super().__init__(params, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, amsgrad=amsgrad, **options)
         self._finish_init()
 
 
 class Adam(_AdamFused, torch.optim.Adam):
     """``torch.optim.Adam`` (``weight_decay`` added to the gradient) with L1 and group-lasso
-    proximal terms, fused on CPU; the arguments are :class:`AdamW`'s."""
+    proximal terms, fused on CPU and CUDA; the arguments are :class:`AdamW`'s."""
 
     def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0, amsgrad=False, *,
                  l1: float = 0.0, group_lasso: float = 0.0, group_dim: Optional[int] = None,
-                 track_penalty: bool = True, **options) -> None:
-        self._init_regularization(l1, group_lasso, group_dim, track_penalty)
+                 track_penalty: bool = True, backend: Optional[str] = None, **options) -> None:
+        self._init_regularization(l1, group_lasso, group_dim, track_penalty, backend)
         super().__init__(params, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, amsgrad=amsgrad, **options)
         self._finish_init()
 
 
 class SGD(_Fused, torch.optim.SGD):
     """``torch.optim.SGD`` (``momentum``, ``dampening``, ``nesterov``, ``weight_decay`` added to
-    the gradient) with L1 and group-lasso proximal terms, fused on CPU; the regularization
+    the gradient) with L1 and group-lasso proximal terms, fused on CPU and CUDA; the regularization
     arguments are :class:`AdamW`'s."""
 
     _kind = _SGD_KIND
 
     def __init__(self, params, lr=1e-3, momentum=0.0, dampening=0.0, weight_decay=0.0, nesterov=False, *,
                  l1: float = 0.0, group_lasso: float = 0.0, group_dim: Optional[int] = None,
-                 track_penalty: bool = True, **options) -> None:
-        self._init_regularization(l1, group_lasso, group_dim, track_penalty)
+                 track_penalty: bool = True, backend: Optional[str] = None, **options) -> None:
+        self._init_regularization(l1, group_lasso, group_dim, track_penalty, backend)
         super().__init__(params, lr=lr, momentum=momentum, dampening=dampening, weight_decay=weight_decay,
                          nesterov=nesterov, **options)
         self._finish_init()
@@ -706,7 +741,8 @@ class SGD(_Fused, torch.optim.SGD):
             return
         row = work.lists[0]
         work.fresh = torch.tensor([b is None for b in row], dtype=torch.bool)
-        row[:] = [torch.empty_like(p, memory_format=torch.preserve_format) if b is None else b
+        # Zeros, not garbage: the Triton kernel reads a new buffer before it selects the gradient.
+        row[:] = [torch.zeros_like(p, memory_format=torch.preserve_format) if b is None else b
                   for p, b in zip(work.params, row)]
         # Tables hold addresses: the new buffers need new ones, made once (this key has none).
         for bucket in work.buckets:
@@ -729,12 +765,12 @@ class SGD(_Fused, torch.optim.SGD):
                     maximize=bool(group["maximize"]), l1=coefs.l1, l2=self._prox_l2(coefs),
                     group_lasso=coefs.group_lasso, penalty_l2=coefs.l2)
 
-    def _run(self, kernels, table, bucket, work, coefs, track, grad_scale, found_inf) -> Tensor:
+    def _run(self, ops, table, bucket, work, coefs, track, grad_scale, found_inf) -> Tensor:
         first = work.fresh
         if first is not None and bucket.positions is not None:
             first = first[bucket.positions]
-        return kernels.sgd_step_(table, bucket.dtype, first=first, grad_scale=grad_scale, found_inf=found_inf,
-                                 track=track, **self._arguments(work.group, coefs))
+        return ops.sgd_step_(table, bucket.dtype, first=first, grad_scale=grad_scale, found_inf=found_inf,
+                             track=track, **self._arguments(work.group, coefs))
 
     def _compiled_state_ready(self) -> bool:
         # A step GradScaler skips must not keep new buffers (_after_fused reads found_inf on the
@@ -762,8 +798,9 @@ class SGD(_Fused, torch.optim.SGD):
 
 
 class NotFused(Exception):
-    """A param group the fused kernel cannot step (no C++ extension, another device, a
-    ``capturable`` group, non-contiguous tensors): the caller runs the unfused composition."""
+    """A param group no fused kernel can step (no C++ extension, a device or backend without
+    one, a ``capturable`` group on CPU, non-contiguous tensors): the caller runs the unfused
+    composition."""
 
 
 class _Routed:
@@ -774,8 +811,9 @@ class _Routed:
     optimizer's own ``weight_decay`` stays in its update, as in the composition."""
 
     def __init__(self, optimizer: torch.optim.Optimizer, coefficients: Callable[[Dict[str, Any]], Coefficients],
-                 log: Dict[str, Any]):
+                 log: Dict[str, Any], backend: Optional[str]):
         self._inner = optimizer
+        self.backend = backend
         self._coefficients_of = coefficients
         self._log = log
         self._tables = None
@@ -842,12 +880,13 @@ _ROUTES = {torch.optim.AdamW: _RoutedAdamW, torch.optim.Adam: _RoutedAdam, torch
 
 
 def routed(optimizer: torch.optim.Optimizer, coefficients: Callable[[Dict[str, Any]], Coefficients],
-           log: Dict[str, Any]) -> Optional[_Routed]:
+           log: Dict[str, Any], backend: Optional[str] = None) -> Optional[_Routed]:
     """The fused step of ``Regularized(optimizer, mode="decoupled")`` when ``optimizer`` is
     exactly torch's AdamW, Adam or SGD (a subclass may change the update) with ``fused=True``
-    groups; else None. ``coefficients``: Regularized's terms of a param group, checked."""
+    groups; else None. ``coefficients``: Regularized's terms of a param group, checked;
+    ``backend``: Regularized's."""
     route = _ROUTES.get(type(optimizer))
-    return None if route is None else route(optimizer, coefficients, log)
+    return None if route is None else route(optimizer, coefficients, log, backend)
 
 
 __all__ = ["Adam", "AdamW", "NotFused", "SGD"]

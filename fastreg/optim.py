@@ -49,12 +49,14 @@ class Regularized(torch.optim.Optimizer):
             decoupled mode it costs one extra read of the weights, so it can be switched off.
         fuse: in decoupled mode over ``torch.optim.AdamW``, ``Adam`` or ``SGD`` created with
             ``fused=True`` (exactly those classes, with no step hooks of their own), run each
-            step as one fused C++ kernel on CPU where the ``cpp`` backend can: the decay,
-            torch's update and the proximal maps in one pass over the weights, gradients and
-            state (see :attr:`fused`). Its update is torch's fused CPU kernel's, operation for
-            operation, so the step is the composition's, bit for bit (but for an ulp in the
-            last elements of a tensor whose size is not a multiple of the vector width, which
-            torch's kernel computes in scalar code). ``False`` always runs the composition.
+            step as one fused kernel where the backend has one (``cpp`` on CPU, ``triton`` on
+            CUDA): the decay, torch's update and the proximal maps in one pass over the
+            weights, gradients and state (see :attr:`fused`). The update is torch's fused
+            kernel's on that device: on CPU operation for operation, so the step is the
+            composition's, bit for bit (but for an ulp in the last elements of a tensor whose
+            size is not a multiple of the vector width, which torch's kernel computes in
+            scalar code); on CUDA type for type, within an ulp. ``False`` always runs the
+            composition.
 
     With a closure (LBFGS), coupled mode adds the penalty's gradient after every
     evaluation and returns ``loss + P`` to the inner optimizer, so its line search sees
@@ -255,17 +257,17 @@ class Regularized(torch.optim.Optimizer):
         return loss
 
     def _fused_step(self) -> bool:
-        """Decoupled mode over torch's fused AdamW, Adam or SGD with the ``cpp`` kernels: the decay,
+        """Decoupled mode over torch's fused AdamW, Adam or SGD with a fused kernel: the decay,
         the inner update and the proximal maps (and the penalty) in one fused pass per
         (dtype) bucket, the same arithmetic as the composition. False, with nothing written,
         where that cannot run; the composition does."""
         if torch.compiler.is_compiling():
             return False  # the compiled graph holds fastreg's custom ops; the kernel is not one
         self._log["fused"] = False
-        if not self.fuse or _dispatch.requested_backend(self.backend)[0] not in ("auto", "cpp"):
+        if not self.fuse:
             return False
         if self._routed is None:
-            self._routed = fused_optim.routed(self.optimizer, self._coefficients, self._log) or False
+            self._routed = fused_optim.routed(self.optimizer, self._coefficients, self._log, self.backend) or False
         if self._routed is False:
             return False
         try:
@@ -278,7 +280,7 @@ class Regularized(torch.optim.Optimizer):
     @property
     def fused(self) -> bool:
         """Whether the last step ran as one fused kernel (decoupled mode over torch's AdamW, Adam
-        or SGD with ``fused=True``, on CPU with the C++ extension) rather than the composition
+        or SGD with ``fused=True``, on CPU with the C++ extension or on CUDA) rather than the composition
         of fastreg's decay and the inner optimizer's own step; both compute the same update."""
         return bool(self._log.get("fused"))
 

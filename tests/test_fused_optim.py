@@ -54,7 +54,8 @@ def twin(params):
 
 def set_grads(step, *param_lists):
     generator = torch.Generator().manual_seed(1000 + step)
-    grads = [torch.randn(p.shape, generator=generator, dtype=torch.float64).to(p.dtype) for p in param_lists[0]]
+    grads = [torch.randn(p.shape, generator=generator, dtype=torch.float64).to(device=p.device, dtype=p.dtype)
+             for p in param_lists[0]]
     for params in param_lists:
         for p, g in zip(params, grads):
             p.grad = g.clone()

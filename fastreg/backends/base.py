@@ -86,6 +86,13 @@ class Backend(abc.ABC):
         None for a backend that takes tensor lists only."""
         return None
 
+    def step_ops(self, device: torch.device):
+        """The fused optimizer steps over a work-layout table on ``device`` (address rows:
+        params, grads, then the optimizer's state), for :mod:`fastreg.fused_optim`: an object
+        with ``adam_step_(table, dtype, ...)`` and ``sgd_step_(table, dtype, ...)``, the
+        arguments of ``csrc/fastreg_optim.cpp``'s. None where this backend has none."""
+        return None
+
     def runs_tables(self, device: torch.device) -> bool:
         return self.table_ops(device) is not None
 

@@ -35,3 +35,7 @@ class CppBackend(ExtensionBackend):
     def table_ops(self, device: torch.device):
         # The planner module binds the CPU kernels over a table (csrc/planner.cpp).
         return _build.planner() if torch.device(device).type == "cpu" else None
+
+    def step_ops(self, device: torch.device):
+        # The planner module binds the fused steps too (csrc/fastreg_optim.cpp).
+        return self.table_ops(device)

@@ -46,6 +46,24 @@ def _table_ops() -> TableOps:
     return _TABLE_OPS[0]
 
 
+class StepOps(NamedTuple):
+    """The fused optimizer steps over a layout table (see :meth:`Backend.step_ops`)."""
+
+    adam_step_: Callable
+    sgd_step_: Callable
+
+
+_STEP_OPS: List[StepOps] = []
+
+
+def _step_ops() -> StepOps:
+    if not _STEP_OPS:
+        from ..kernels import triton_optim
+
+        _STEP_OPS.append(StepOps(triton_optim.adam_step, triton_optim.sgd_step))
+    return _STEP_OPS[0]
+
+
 def _kernels():
     """The kernel modules, their ``fastreg_triton`` custom ops registered on first import."""
     from ..kernels import triton_decay, triton_grad, triton_norms, triton_table
@@ -76,6 +94,9 @@ class TritonBackend(Backend):
 
     def table_ops(self, device: torch.device):
         return _table_ops()
+
+    def step_ops(self, device: torch.device):
+        return _step_ops()
 
     def layout_limits(self, device: torch.device) -> Tuple[int, int]:
         table = _kernels()[3]

@@ -1,0 +1,204 @@
+"""fastreg.AdamW / Adam / SGD stepped by the ``triton`` backend's fused kernels
+(fastreg/kernels/triton_optim.py): torch's fused CUDA update, type for type, with fastreg's
+decay and proximal maps in the same pass.
+
+On a machine with a GPU these run on CUDA tensors against torch's fused CUDA optimizers (one
+ulp per step); without one, on CPU tensors under Triton's interpreter against torch's default
+CPU path, which rounds its intermediates in the weights' dtype where the kernel keeps doubles
+(a few ulps per step), every case kept small. The composition (``Regularized`` over torch's
+optimizer, unfused) is the oracle of the regularized step."""
+from __future__ import annotations
+
+import copy
+import math
+
+import numpy as np
+import pytest
+import torch
+
+import fastreg
+from fastreg import kernels
+from fastreg.naive import naive_decay
+from test_fused_optim import CASES, THEIRS, ODD_SHAPES, build, make_params, regularized, set_grads, sync
+
+pytestmark = pytest.mark.skipif(kernels.triton_import_error() is not None, reason=str(kernels.triton_import_error()))
+
+if kernels.triton_import_error() is None:
+    from fastreg.kernels import triton_norms, triton_optim
+
+GPU = torch.cuda.is_available()
+DEVICE = torch.device("cuda" if GPU else "cpu")
+
+
+def leaves(dtype=torch.float32, seed=0, shapes=ODD_SHAPES):
+    return [p.detach().to(DEVICE).requires_grad_() for p in make_params(dtype, seed, shapes)]
+
+
+def twin(params):
+    return [p.detach().clone().requires_grad_() for p in params]
+
+
+# -- the oracle: torch's fused CUDA update, type for type, in torch ops ---------------------------
+def _acc(dtype):
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def sqrt_rn(v):
+    """A correctly rounded square root, as CUDA's: torch's on CPU is not (it differs on 20% of
+    fp32 values and 1.4% of fp64 ones, torch 2.13), numpy's is."""
+    return torch.from_numpy(np.sqrt(v.cpu().numpy())).to(v.device)
+
+
+def cuda_adam(p, d, s, lr, betas, eps, weight_decay, amsgrad, maximize, decoupled):
+    """torch's fused CUDA ``adam_math`` on one tensor: doubles where it has doubles, each value
+    rounded to the accumulate dtype where it assigns one."""
+    acc, f64 = _acc(p.dtype), torch.float64
+    beta1, beta2 = betas
+    s["step"] += 1
+    n = float(s["step"])
+    bias_correction1 = torch.tensor(1 - beta1 ** n, dtype=f64).to(acc).double()
+    # a tensor numerator: torch's float / tensor is a reciprocal times the float, rounded twice
+    step_size = (torch.tensor(lr, dtype=f64) / bias_correction1).to(acc)
+    bias_correction2_sqrt = torch.tensor(math.sqrt(1 - beta2 ** n), dtype=f64).to(acc)
+    x, d = p.detach().to(acc), -d.to(acc) if maximize else d.to(acc)
+    if weight_decay:
+        if decoupled:
+            x = (x.double() - lr * weight_decay * x.double()).to(acc)
+        else:
+            d = (d.double() + x.double() * weight_decay).to(acc)
+    m = (beta1 * s["exp_avg"].double() + (1 - beta1) * d.double()).to(acc)
+    v = (beta2 * s["exp_avg_sq"].double() + (1 - beta2) * d.double() * d.double()).to(acc)
+    s["exp_avg"], s["exp_avg_sq"] = m.to(p.dtype), v.to(p.dtype)
+    if amsgrad:
+        most = s["max_exp_avg_sq"].to(acc)
+        v = torch.where(most < v, v, most)
+        s["max_exp_avg_sq"] = v.to(p.dtype)
+    denom = ((sqrt_rn(v) / bias_correction2_sqrt).double() + eps).to(acc)
+    return x - step_size * m / denom
+
+
+def cuda_sgd(p, d, s, lr, momentum, dampening, weight_decay, nesterov, maximize):
+    """torch's fused CUDA ``sgd_math`` on one tensor, as :func:`cuda_adam`."""
+    acc = _acc(p.dtype)
+    x, d = p.detach().to(acc), -d.to(acc) if maximize else d.to(acc)
+    if weight_decay:
+        d = (d.double() + weight_decay * x.double()).to(acc)
+    if momentum:
+        b = d.double() if "momentum_buffer" not in s else momentum * s["momentum_buffer"].double() + (1 - dampening) * d.double()
+        s["momentum_buffer"] = b.to(acc).to(p.dtype)
+        d = (d.double() + momentum * b).to(acc) if nesterov else b.to(acc)
+    return (x.double() - lr * d.double()).to(acc)
+
+
+class Oracle:
+    """The step of ``group`` (a fastreg optimizer's param group, whose settings it reads) by
+    :func:`cuda_adam` / :func:`cuda_sgd`, then the L1 soft threshold and the group shrink of
+    fastreg's fp64 reference (``naive_decay``)."""
+
+    def __init__(self, name, params, group):
+        self.name, self.params, self.group = name, params, group
+        self.state = [{} for _ in params]
+        if name != "SGD":
+            for p, s in zip(params, self.state):
+                s.update(step=0.0, exp_avg=torch.zeros_like(p), exp_avg_sq=torch.zeros_like(p),
+                         max_exp_avg_sq=torch.zeros_like(p))
+
+    def step(self):
+        g = self.group
+        for p, s in zip(self.params, self.state):
+            if self.name == "SGD":
+                x = cuda_sgd(p, p.grad, s, g["lr"], g["momentum"], g["dampening"], g["weight_decay"], g["nesterov"],
+                             g["maximize"])
+            else:
+                x = cuda_adam(p, p.grad, s, float(g["lr"]), g["betas"], g["eps"], g["weight_decay"], g["amsgrad"],
+                              g["maximize"], self.name == "AdamW")
+            with torch.no_grad():
+                p.copy_(x)
+        if g["l1"] or g["group_lasso"]:
+            decayed = naive_decay(self.params, float(g["lr"]), l1=g["l1"], group_lasso=g["group_lasso"],
+                                  group_dim=g["group_dim"])
+            with torch.no_grad():
+                for p, w in zip(self.params, decayed):
+                    p.copy_(w)
+
+    def sync_from(self, optimizer, params):
+        """Our weights and state become the kernel's, so the next step starts from the same point."""
+        with torch.no_grad():
+            for p, q, s in zip(params, self.params, self.state):
+                q.copy_(p)
+                for key, value in optimizer.state[p].items():
+                    s[key] = float(value) if key == "step" else value.clone()
+
+
+def assert_within_ulps(ours, theirs, starts, count, what):
+    """Each element within ``count`` ulps of the largest of its weights before and after the
+    step and of the step's update (the kernel's fp64 bias corrections come from squaring, the
+    oracle's from ``pow``)."""
+    for i, (a, b, start) in enumerate(zip(ours, theirs, starts)):
+        a, b, start = a.detach().double(), b.detach().double(), start.double()
+        largest = torch.stack([a.abs(), b.abs(), start.abs(), (b - start).abs()]).amax(0)
+        bound = count * torch.finfo(ours[0].dtype).eps * largest
+        excess = (a - b).abs() / bound.clamp_min(torch.finfo(torch.float64).tiny)
+        assert bool(((a - b).abs() <= bound).all()), f"{what}: tensor {i} differs by {excess.max()} of the bound"
+
+
+def oracle_of(name, params, ours):
+    """torch's fused CUDA optimizer on a GPU (without regularization); else its emulation,
+    :class:`Oracle`, with ``ours``' settings."""
+    group = ours.param_groups[0]
+    if GPU and not (group["l1"] or group["group_lasso"]):
+        options = {k: v for k, v in ours.defaults.items() if k not in ("l1", "group_lasso", "group_dim")}
+        return THEIRS[name](params, **{**options, "fused": True})
+    return Oracle(name, params, group)
+
+
+def steps_within_an_ulp(ours, ours_params, theirs, theirs_params, steps=3):
+    for step in range(steps):
+        set_grads(step, ours_params, theirs_params)
+        starts = [p.detach().clone() for p in ours_params]
+        ours.step()
+        theirs.step()
+        assert_within_ulps(ours_params, theirs_params, starts, 1, f"step {step}")
+        if isinstance(theirs, Oracle):
+            theirs.sync_from(ours, ours_params)
+        else:
+            sync(ours, ours_params, theirs, theirs_params)
+
+
+@pytest.fixture
+def launches(monkeypatch):
+    """The fused step's kernel launches, in order (kernel names)."""
+    recorded = []
+    for module, name in ((triton_optim, "steps_kernel"), (triton_optim, "step_kernel"),
+                         (triton_optim, "shrink_kernel"), (triton_norms, "finalize_kernel")):
+        kernel = getattr(module, name)
+
+        def counted(*args, _run=kernel.run, _name=name, **kwargs):
+            recorded.append(_name)
+            return _run(*args, **kwargs)
+
+        monkeypatch.setattr(kernel, "run", counted)
+    return recorded
+
+
+@pytest.mark.parametrize("name, options", CASES)
+def test_matches_torch_within_an_ulp_per_step(launches, name, options):
+    ours_params = leaves()
+    theirs_params = twin(ours_params)
+    ours = build(name, ours_params, backend="triton", **options)
+    theirs = oracle_of(name, theirs_params, ours)
+    steps_within_an_ulp(ours, ours_params, theirs, theirs_params)
+    # a finalize only for a penalty (Adam's and SGD's weight_decay are its L2 term)
+    expected = ["steps_kernel"] * (name != "SGD") + ["step_kernel"] + ["finalize_kernel"] * bool(
+        ours.param_groups[0]["weight_decay"])
+    assert launches == expected * 3
+
+
+@pytest.mark.parametrize("name, dtype", [("AdamW", torch.float64), ("AdamW", torch.bfloat16), ("SGD", torch.bfloat16)])
+def test_other_dtypes(name, dtype):
+    options = {"amsgrad": True} if name == "AdamW" else {"momentum": 0.9, "weight_decay": 0.1}
+    ours_params = leaves(dtype)
+    theirs_params = twin(ours_params)
+    ours = build(name, ours_params, backend="triton", **options)
+    theirs = oracle_of(name, theirs_params, ours)
+    steps_within_an_ulp(ours, ours_params, theirs, theirs_params)
