@@ -19,7 +19,7 @@ import torch
 import fastreg
 from fastreg import kernels
 from fastreg.naive import naive_decay
-from test_fused_optim import CASES, THEIRS, ODD_SHAPES, build, make_params, regularized, set_grads, sync
+from test_fused_optim import CASES, THEIRS, ODD_SHAPES, build, make_params, set_grads, sync
 
 pytestmark = pytest.mark.skipif(kernels.triton_import_error() is not None, reason=str(kernels.triton_import_error()))
 
@@ -91,9 +91,9 @@ def cuda_sgd(p, d, s, lr, momentum, dampening, weight_decay, nesterov, maximize)
 
 
 class Oracle:
-    """The step of ``group`` (a fastreg optimizer's param group, whose settings it reads) by
-    :func:`cuda_adam` / :func:`cuda_sgd`, then the L1 soft threshold and the group shrink of
-    fastreg's fp64 reference (``naive_decay``)."""
+    """The step of ``group`` (a fastreg optimizer's param group, or a Regularized one's, whose
+    settings it reads): Regularized's ``l2`` decay, :func:`cuda_adam` / :func:`cuda_sgd`, then
+    the L1 soft threshold and the group shrink of fastreg's fp64 reference (``naive_decay``)."""
 
     def __init__(self, name, params, group):
         self.name, self.params, self.group = name, params, group
@@ -105,6 +105,11 @@ class Oracle:
 
     def step(self):
         g = self.group
+        if g.get("l2"):
+            # Regularized's decoupled decay before the update, by a factor rounded to fp32
+            with torch.no_grad():
+                for p in self.params:
+                    p.mul_(torch.tensor(1 - float(g["lr"]) * g["l2"], dtype=_acc(p.dtype)))
         for p, s in zip(self.params, self.state):
             if self.name == "SGD":
                 x = cuda_sgd(p, p.grad, s, g["lr"], g["momentum"], g["dampening"], g["weight_decay"], g["nesterov"],
@@ -116,7 +121,7 @@ class Oracle:
                 p.copy_(x)
         if g["l1"] or g["group_lasso"]:
             decayed = naive_decay(self.params, float(g["lr"]), l1=g["l1"], group_lasso=g["group_lasso"],
-                                  group_dim=g["group_dim"])
+                                  group_dim=g.get("group_dim"))
             with torch.no_grad():
                 for p, w in zip(self.params, decayed):
                     p.copy_(w)
@@ -130,13 +135,14 @@ class Oracle:
                     s[key] = float(value) if key == "step" else value.clone()
 
 
-def assert_within_ulps(ours, theirs, starts, count, what):
+def assert_within_ulps(ours, theirs, starts, count, what, threshold=0.0):
     """Each element within ``count`` ulps of the largest of its weights before and after the
-    step and of the step's update (the kernel's fp64 bias corrections come from squaring, the
-    oracle's from ``pow``)."""
+    step, of the step's update and of the soft ``threshold`` (``lr*l1``, subtracted in fp32
+    by the kernel and in fp64 by the oracle: near it the result keeps the threshold's
+    rounding)."""
     for i, (a, b, start) in enumerate(zip(ours, theirs, starts)):
         a, b, start = a.detach().double(), b.detach().double(), start.double()
-        largest = torch.stack([a.abs(), b.abs(), start.abs(), (b - start).abs()]).amax(0)
+        largest = torch.stack([a.abs(), b.abs(), start.abs(), (b - start).abs()]).amax(0).clamp_min(threshold)
         bound = count * torch.finfo(ours[0].dtype).eps * largest
         excess = (a - b).abs() / bound.clamp_min(torch.finfo(torch.float64).tiny)
         assert bool(((a - b).abs() <= bound).all()), f"{what}: tensor {i} differs by {excess.max()} of the bound"
@@ -202,3 +208,125 @@ def test_other_dtypes(name, dtype):
     ours = build(name, ours_params, backend="triton", **options)
     theirs = oracle_of(name, theirs_params, ours)
     steps_within_an_ulp(ours, ours_params, theirs, theirs_params)
+
+
+@pytest.mark.parametrize("name, options", [("AdamW", {}), ("Adam", {"weight_decay": 0.1, "amsgrad": True}),
+                                           ("SGD", {"momentum": 0.9, "nesterov": True})])
+@pytest.mark.parametrize("group_dim", [None, 0])
+def test_proximal_terms_and_penalty(launches, name, options, group_dim):
+    """l1 and group lasso after the update, with exact zeros; the penalty of the starting
+    weights, as fastreg.penalty gives it."""
+    l1, group_lasso = 3e-1, 2.0
+    ours_params = leaves(shapes=[(64, 48), (77,), (5, 3, 4)])
+    theirs_params = twin(ours_params)
+    ours = build(name, ours_params, backend="triton", l1=l1, group_lasso=group_lasso, group_dim=group_dim, **options)
+    theirs = oracle_of(name, theirs_params, ours)
+    weight_decay = ours.param_groups[0]["weight_decay"]
+    for step in range(3):
+        set_grads(step, ours_params, theirs_params)
+        starts = [p.detach().clone() for p in ours_params]
+        ours.step()
+        theirs.step()
+        # the threshold and the shrink are fp32 here and fp64 in the oracle, whose norms are
+        # fp64 sums (the kernel's are fp32 block sums)
+        assert_within_ulps(ours_params, theirs_params, starts, 4, f"step {step}", threshold=1e-2 * l1)
+        expected = fastreg.penalty(starts, l1=l1, l2=weight_decay, group_lasso=group_lasso, group_dim=group_dim,
+                                   backend="reference")
+        torch.testing.assert_close(ours.last_penalty, expected.to(ours.last_penalty), rtol=4e-6, atol=0)
+        zeros = [p.detach() == 0 for p in ours_params]
+        assert sum(int(z.sum()) for z in zeros) > 0
+        assert all(torch.equal(z, q.detach() == 0) for z, q in zip(zeros, theirs_params))
+        theirs.sync_from(ours, ours_params)
+    step = ["steps_kernel"] * (name != "SGD") + ["step_kernel", "finalize_kernel", "finalize_kernel", "shrink_kernel"]
+    assert launches == step * 3
+
+
+@pytest.mark.parametrize("name", ["AdamW", "SGD"])
+def test_grad_scaler_and_a_skipped_step(name):
+    """GradScaler's tensors stay on the device; a step with an inf gradient writes nothing
+    (weights, gradients, state, steps) and still gives the penalty."""
+    options = {"momentum": 0.9} if name == "SGD" else {}
+    ours_params = leaves()
+    theirs_params = twin(ours_params)
+    ours = build(name, ours_params, backend="triton", l1=1e-2, group_lasso=0.5, **options)
+    theirs = oracle_of(name, theirs_params, ours)
+    scaler = torch.amp.GradScaler(DEVICE.type, init_scale=2.0 ** 10)
+    scaler.scale(torch.zeros((), device=DEVICE))
+    for step in range(3):
+        set_grads(step, ours_params, theirs_params)
+        for p in ours_params:
+            p.grad.mul_(scaler.get_scale())
+        if step == 1:
+            ours_params[0].grad[3, 4] = float("inf")
+            before = [p.detach().clone() for p in ours_params]
+            grads = [p.grad.clone() for p in ours_params]
+            state = copy.deepcopy(ours.state_dict()["state"])
+        scaler.step(ours)
+        scaler.update()
+        if step == 1:
+            assert all(torch.equal(a.detach(), b) for a, b in zip(ours_params, before))
+            assert all(torch.equal(p.grad, g) for p, g in zip(ours_params, grads))
+            for index, entry in ours.state_dict()["state"].items():
+                for key, value in entry.items():
+                    assert torch.equal(value, state[index][key]), key
+            expected = fastreg.penalty(before, l1=1e-2, l2=ours.param_groups[0]["weight_decay"], group_lasso=0.5,
+                                       backend="reference")
+            torch.testing.assert_close(ours.last_penalty, expected.to(ours.last_penalty), rtol=4e-6, atol=0)
+            continue
+        starts = [p.detach().clone() for p in ours_params]
+        theirs.step()
+        assert_within_ulps(ours_params, theirs_params, starts, 4, f"step {step}", threshold=1e-2 * 1e-2)
+        # the kernel stored the unscaled gradients
+        assert all(torch.equal(p.grad, q.grad) for p, q in zip(ours_params, theirs_params))
+        theirs.sync_from(ours, ours_params)
+
+
+def test_tensor_lr_on_the_device_and_capturable():
+    """A tensor lr on the params' device is read by the kernels (on a GPU, capturable groups
+    fuse; torch refuses them on CPU); the result is the float lr's."""
+    ours_params = leaves()
+    theirs_params = twin(ours_params)
+    lr = 2.0 ** -7  # the same number as a float32 tensor and as a float
+    ours = build("AdamW", ours_params, backend="triton", lr=torch.tensor(lr, device=DEVICE), capturable=GPU, l1=1e-2)
+    theirs = build("AdamW", theirs_params, backend="triton", lr=lr, l1=1e-2)
+    for step in range(3):
+        set_grads(step, ours_params, theirs_params)
+        ours.step()
+        theirs.step()
+    assert ours._tables is not None and len(ours._tables) > 0
+    assert all(s["step"].device == DEVICE for s in ours.state.values())
+    # the threshold lr*l1 is formed from the tensor in fp32, from the float in fp64
+    threshold = torch.finfo(torch.float32).eps * lr * 1e-2
+    for a, b in zip(ours_params, theirs_params):
+        torch.testing.assert_close(a.detach(), b.detach(), rtol=2 * torch.finfo(torch.float32).eps, atol=4 * threshold)
+
+
+def test_regularized_routes_torch_fused_adamw_to_the_kernel():
+    """Regularized(AdamW(fused=True), mode="decoupled", backend="triton"): one fused step, the
+    composition's result (its l2 decays the weights before the update)."""
+    ours_params = leaves()
+    theirs_params = twin(ours_params)
+    # torch's fused AdamW runs on CPU and CUDA
+    inner = torch.optim.AdamW(ours_params, lr=1e-2, weight_decay=0.1, fused=True)
+    ours = fastreg.Regularized(inner, l1=1e-2, l2=0.5, mode="decoupled", backend="triton")
+    theirs = Oracle("AdamW", theirs_params, ours.param_groups[0])
+    for step in range(2):
+        set_grads(step, ours_params, theirs_params)
+        starts = [p.detach().clone() for p in ours_params]
+        ours.step()
+        theirs.step()
+        assert ours.fused
+        assert_within_ulps(ours_params, theirs_params, starts, 4, f"step {step}", threshold=1e-2 * 1e-2)
+        theirs.sync_from(ours.optimizer, ours_params)
+
+
+def test_a_backend_that_cannot_run_is_refused_before_anything_is_written():
+    params = leaves()
+    set_grads(0, params)
+    before = [p.detach().clone() for p in params]
+    other = "cuda" if DEVICE.type == "cpu" else "cpp"
+    optimizer = build("AdamW", params, backend=other, l1=1e-2)
+    with pytest.raises(RuntimeError, match=f"backend '{other}' cannot run"):
+        optimizer.step()
+    assert all(torch.equal(a.detach(), b) for a, b in zip(params, before))
+    assert not optimizer.state
