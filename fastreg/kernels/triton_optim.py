@@ -405,7 +405,7 @@ def _on_device(t: Optional[Tensor], table: Table, name: str) -> Optional[Tensor]
     return t if t.device == table.device else t.to(table.device, non_blocking=True)
 
 
-def _step(table: Table, dtype: torch.dtype, optimizer: tl.constexpr, hyper: Tuple[float, ...], flags: dict,
+def _step(table: Table, dtype: torch.dtype, optimizer: int, hyper: Tuple[float, ...], flags: dict,
           firsts: Optional[Tensor], lr: float, lr_tensor: Optional[Tensor], maximize: bool,
           grad_scale: Optional[Tensor], found_inf: Optional[Tensor], l1: float, l2: float, group_lasso: float,
           penalty_l2: float, track: bool) -> Optional[Tensor]:
@@ -424,7 +424,7 @@ def _step(table: Table, dtype: torch.dtype, optimizer: tl.constexpr, hyper: Tupl
             lr_ptr, lr_bits = None, f64_bits(lr)
             a, b, threshold = 1 - lr * l2, lr * l1, lr * group_lasso
         skippable = found_inf is not None
-        if optimizer == ADAM and table.tensors:
+        if optimizer == ADAM.value and table.tensors:
             steps_kernel[(triton.cdiv(table.tensors, STEPS_BLOCK),)](
                 table.data, found_inf, BLOCK=STEPS_BLOCK, SKIPPABLE=skippable, **LAUNCH_OPTIONS)
         value = None
@@ -466,7 +466,7 @@ def adam_step(table: Table, dtype: torch.dtype, lr: float, lr_tensor: Optional[T
     weights (with ``track``), a 0-dim tensor on the device, else None."""
     flags = dict(HAS_WD=weight_decay != 0, DECOUPLED=bool(decoupled), AMSGRAD=bool(amsgrad), MOMENTUM=False,
                  NESTEROV=False, HAS_FIRST=False)
-    return _step(table, dtype, ADAM, (beta1, beta2, eps, weight_decay), flags, None, lr, lr_tensor, maximize,
+    return _step(table, dtype, ADAM.value, (beta1, beta2, eps, weight_decay), flags, None, lr, lr_tensor, maximize,
                  grad_scale, found_inf, l1, l2, group_lasso, penalty_l2, track)
 
 
@@ -490,5 +490,5 @@ def sgd_step(table: Table, dtype: torch.dtype, lr: float, lr_tensor: Optional[Te
             firsts = firsts.to(table.device, non_blocking=True)
     flags = dict(HAS_WD=weight_decay != 0, DECOUPLED=False, AMSGRAD=False, MOMENTUM=momentum != 0,
                  NESTEROV=bool(nesterov), HAS_FIRST=firsts is not None)
-    return _step(table, dtype, SGD, (momentum, dampening, weight_decay), flags, firsts, lr, lr_tensor, maximize,
+    return _step(table, dtype, SGD.value, (momentum, dampening, weight_decay), flags, firsts, lr, lr_tensor, maximize,
                  grad_scale, found_inf, l1, l2, group_lasso, penalty_l2, track)
