@@ -10,8 +10,8 @@ The steps, in order, each with its own time limit inside an overall budget:
    that hangs loses only its own results, each with its junit XML;
 4. ``sanitizer``: compute-sanitizer memcheck and racecheck on a small case that calls every op
    with the ``cuda`` and ``triton`` backends;
-5. ``graphs``: CUDA-graph capture and replay of ``add_penalty_grad_`` and of a
-   ``Regularized`` step, against the same calls made eagerly;
+5. ``graphs``: CUDA-graph capture and replay of ``add_penalty_grad_``, of a ``Regularized``
+   step and of a ``capturable`` fused ``fastreg.AdamW`` step, against the same calls made eagerly;
 6. ``bench``: :func:`fastreg.bench.run` on GPT-2 small (fp32), Llama shapes (bf16), 10,000
    small tensors and tiny-1k, each bandwidth also given as a percentage of a device-to-device
    copy of the same bytes timed in the same process.
@@ -49,6 +49,7 @@ import torch
 from . import _build, bench, report, workloads
 from .backends import BACKENDS
 from .functional import add_penalty_grad_, decay_, norms
+from .fused_optim import AdamW
 from .optim import Regularized
 
 SCHEMA = "fastreg-gpu-check/1"
@@ -74,6 +75,7 @@ GPU_TESTS: List[Tuple[str, List[str]]] = [
     ("conformance", ["tests/test_conformance.py", "-k", "cuda"]),
     ("cuda", ["tests/test_cuda.py"]),
     ("triton", ["tests/test_triton.py"]),
+    ("triton-optim", ["tests/test_triton_optim.py"]),
     ("triton-compile", ["tests/test_triton_compile.py"]),
     ("compile-cuda-graphs", ["tests/test_compile.py::test_reduce_overhead_cuda_graphs", "-m", "slow"]),
 ]
@@ -491,8 +493,27 @@ def _graph_penalty_grad(backend: str, device: torch.device) -> float:
     return max(errors)
 
 
-def _graph_regularized_step(backend: str, device: torch.device, mode: str) -> float:
-    """A whole training step of a small model (forward, backward, Regularized(SGD) step)
+def _regularized_sgd(backend: str, mode: str) -> Callable[[torch.nn.Module], torch.optim.Optimizer]:
+    def make(model):
+        sgd = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+        return Regularized(sgd, l1=1e-3, l2=1e-2, group_lasso=1e-3, group_dim=0, mode=mode, backend=backend)
+
+    return make
+
+
+def _fused_adamw(backend: str) -> Callable[[torch.nn.Module], torch.optim.Optimizer]:
+    """fastreg.AdamW with a learning rate on the device and ``capturable``: its fused step reads
+    nothing on the host."""
+    def make(model):
+        lr = torch.tensor(1e-3, device=next(model.parameters()).device)
+        return AdamW(model.parameters(), lr=lr, capturable=True, l1=1e-3, group_lasso=1e-3, group_dim=0,
+                     backend=backend)
+
+    return make
+
+
+def _graph_training_step(device: torch.device, make_optimizer: Callable[[torch.nn.Module], torch.optim.Optimizer]) -> float:
+    """A whole training step of a small model (forward, backward, the optimizer's step)
     replayed on new batches, against a twin model stepped eagerly on the same batches."""
     x, y = torch.zeros(16, 32, device=device), torch.zeros(16, 8, device=device)
     generator = torch.Generator().manual_seed(0)
@@ -500,8 +521,7 @@ def _graph_regularized_step(backend: str, device: torch.device, mode: str) -> fl
     def make():
         torch.manual_seed(0)
         model = torch.nn.Sequential(torch.nn.Linear(32, 64), torch.nn.ReLU(), torch.nn.Linear(64, 8)).to(device)
-        sgd = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
-        return model, Regularized(sgd, l1=1e-3, l2=1e-2, group_lasso=1e-3, group_dim=0, mode=mode, backend=backend)
+        return model, make_optimizer(model)
 
     def step(model, optimizer):
         optimizer.zero_grad(set_to_none=False)  # the graph's gradients keep their addresses
@@ -537,9 +557,10 @@ def worker_graphs(dry_run: bool, out: Path) -> Dict:
     limit = bench.tolerance(torch.float32)
     checks = []
     kinds = [("add_penalty_grad_", _graph_penalty_grad)] + [
-        (f"Regularized(SGD) {mode} step", lambda backend, device, mode=mode: _graph_regularized_step(backend, device, mode))
+        (f"Regularized(SGD) {mode} step",
+         lambda backend, device, mode=mode: _graph_training_step(device, _regularized_sgd(backend, mode)))
         for mode in ("coupled", "decoupled")
-    ]
+    ] + [("fastreg.AdamW(capturable) step", lambda backend, device: _graph_training_step(device, _fused_adamw(backend)))]
     for backend in GPU_BACKENDS:
         reason = BACKENDS[backend].unavailable_reason(device, torch.float32)
         for kind, measure in kinds:

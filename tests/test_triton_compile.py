@@ -38,7 +38,8 @@ from fastreg import kernels
 
 ARCHS = (80, 90)
 KERNELS = {"sums_kernel": "triton_norms", "finalize_kernel": "triton_norms", "grad_kernel": "triton_grad",
-           "decay_kernel": "triton_decay"}
+           "decay_kernel": "triton_decay", "step_kernel": "triton_optim", "steps_kernel": "triton_optim",
+           "shrink_kernel": "triton_optim"}
 DTYPE_NAMES = ("float16", "bfloat16", "float32", "float64")
 
 
@@ -51,9 +52,10 @@ def _record_variants():
     constexprs, attrs, options), in first-seen order."""
     import torch
 
-    from fastreg.kernels import triton_decay, triton_grad, triton_norms, triton_table
+    from fastreg.kernels import triton_decay, triton_grad, triton_norms, triton_optim, triton_table
 
-    modules = {"triton_norms": triton_norms, "triton_grad": triton_grad, "triton_decay": triton_decay}
+    modules = {"triton_norms": triton_norms, "triton_grad": triton_grad, "triton_decay": triton_decay,
+               "triton_optim": triton_optim}
     seen = {}
 
     def recorder(name, kernel):
@@ -69,7 +71,8 @@ def _record_variants():
                     constexprs[param.name] = value
                 elif isinstance(value, torch.Tensor):
                     signature[param.name] = "*" + {torch.int64: "i64", torch.float16: "fp16", torch.bfloat16: "bf16",
-                                                   torch.float32: "fp32", torch.float64: "fp64"}[value.dtype]
+                                                   torch.float32: "fp32", torch.float64: "fp64",
+                                                   torch.uint8: "u8"}[value.dtype]
                     if value.data_ptr() % 16 == 0:
                         attrs[i] = 16
                 else:
@@ -102,7 +105,30 @@ def _record_variants():
                 triton_decay.decay(table, dtype, 0.3, None, l1, l2, gl)
                 triton_decay.decay(table, dtype, 0.0, torch.tensor(0.3, dtype=acc), l1, l2, gl)
         triton_grad.device_scalar = triton_decay.device_scalar = triton_table.device_scalar
+        _record_steps(triton_optim, dtype)
     return list(seen.values())
+
+
+def _record_steps(triton_optim, dtype):
+    """The fused optimizer steps' launches: each optimizer with each option of its update, with
+    and without the regularization terms and GradScaler's tensors."""
+    import torch
+
+    from fastreg.kernels import triton_table
+
+    table = triton_table.Table(torch.zeros(64, dtype=torch.long), torch.device("cpu"), 2, 2, 2, 6, False, 12, 0)
+    scaler = dict(grad_scale=torch.tensor(2.0), found_inf=torch.tensor(0.0))
+    plain = dict(grad_scale=None, found_inf=None)
+    none = dict(l1=0.0, l2=0.0, group_lasso=0.0, penalty_l2=0.0, track=False)
+    l1 = dict(l1=1e-2, l2=0.0, group_lasso=0.0, penalty_l2=0.1, track=True)
+    every = dict(l1=1e-2, l2=1e-3, group_lasso=0.5, penalty_l2=0.1, track=True)
+    for term, amp in ((none, plain), (l1, scaler), (every, plain), (every, scaler)):
+        for decoupled, amsgrad, maximize, weight_decay in ((True, False, False, 0.1), (False, True, True, 0.0)):
+            triton_optim.adam_step(table, dtype, 1e-3, None, 0.9, 0.999, 1e-8, weight_decay, decoupled, amsgrad, maximize,
+                                   **amp, **term)
+        for momentum, nesterov, first in ((0.0, False, None), (0.9, True, torch.tensor([True, False]))):
+            triton_optim.sgd_step(table, dtype, 1e-3, torch.tensor(1e-3), momentum, 0.0, 0.1, nesterov, False, first,
+                                  **amp, **term)
 
 
 def _representative(variant) -> bool:
@@ -115,6 +141,11 @@ def _representative(variant) -> bool:
         return constexprs["HAS_L1"] and constexprs["HAS_L2"] and constexprs["SUMS"]
     if name == "decay_kernel":
         return constexprs["HAS_L1"] and constexprs["HAS_L2"] and not constexprs["HAS_GL"] and not constexprs["LR_TENSOR"]
+    if name == "step_kernel":
+        return constexprs["TRACK"] and constexprs["UNSCALE"] and not constexprs["HAS_GL"] and (
+            constexprs["DECOUPLED"] or constexprs["MOMENTUM"])
+    if name in ("steps_kernel", "shrink_kernel"):
+        return constexprs["SKIPPABLE"]
     return constexprs["VALUE"] and constexprs["FACTOR"] == 1 and constexprs["HAS_L1"] and constexprs["HAS_L2"]
 
 
@@ -131,9 +162,10 @@ def _compile(variant, arch):
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
-    from fastreg.kernels import triton_decay, triton_grad, triton_norms
+    from fastreg.kernels import triton_decay, triton_grad, triton_norms, triton_optim
 
-    modules = {"triton_norms": triton_norms, "triton_grad": triton_grad, "triton_decay": triton_decay}
+    modules = {"triton_norms": triton_norms, "triton_grad": triton_grad, "triton_decay": triton_decay,
+               "triton_optim": triton_optim}
     name, signature, constexprs, attrs, options = variant
     kernel = getattr(modules[KERNELS[name]], name)
     source = ASTSource(kernel, dict(signature), constexprs=dict(constexprs),
@@ -239,11 +271,17 @@ def _run(everything: bool):
         return json.loads(out.read_text())
 
 
-STREAMS = {"sums_kernel": (1, 0), "decay_kernel": (1, 1)}
+STREAMS = {"sums_kernel": (1, 0), "decay_kernel": (1, 1), "shrink_kernel": (1, 1)}
 """Tensors each aligned block reads and writes: (loads, stores)."""
 
 
 def _streams(result):
+    flags = result["constexprs"]
+    if result["kernel"] == "step_kernel":
+        # weights and gradients (stored when unscaled), then Adam's moments (and amsgrad's
+        # maximum) or SGD's momentum buffer
+        state = (2 + (flags["AMSGRAD"] == "True")) if flags["OPTIMIZER"] == "0" else int(flags["MOMENTUM"] == "True")
+        return 2 + state, 1 + (flags["UNSCALE"] == "True") + state
     if result["kernel"] == "grad_kernel":
         flags = result["constexprs"]
         if flags["TO_OUT"] == "True":
@@ -279,7 +317,7 @@ def check(results):
         spills = r["stack"] or r["local"] or r["local_accesses"]
         assert not spills or _known_stack_frame(r), f"{where} uses local memory (spills): {r}"
         flags = r["constexprs"]
-        if r["kernel"] == "finalize_kernel":
+        if r["kernel"] in ("finalize_kernel", "steps_kernel"):
             assert r["fma_ptx"] == 0, f"{where}: contracted multiply-add"
             continue
         loads, stores = _streams(r)
@@ -287,16 +325,20 @@ def check(results):
         aligned = [loop for loop in r["loops"]
                    if loop and all(bits == 128 and not predicated for _, bits, predicated in loop)]
         assert aligned, f"{where}: no loop of unmasked 128-bit accesses: {r['loops']}"
-        main = aligned[0]
+        # the step kernel's skipped-step branch has a sums loop of its own: the update's is the longest
+        main = max(aligned, key=len) if r["kernel"] == "step_kernel" else aligned[0]
         n_loads = sum(kind == "ld" for kind, _, _ in main)
         n_stores = sum(kind == "st" for kind, _, _ in main)
         assert (n_loads > 0) == (loads > 0) and n_loads % max(loads * per_block, 1) == 0, \
             f"{where}: {n_loads} vector loads per step"
         assert n_stores % max(stores * per_block, 1) == 0 and (n_stores > 0) == (stores > 0), where
-        fused = flags.get("SUMS") == "True" or r["kernel"] == "sums_kernel" or (
+        fused = flags.get("SUMS") == "True" or r["kernel"] == "sums_kernel" or flags.get("TRACK") == "True" or (
+            r["kernel"] == "step_kernel" and flags["HAS_GL"] == "True") or (
             r["kernel"] == "grad_kernel" and flags["HAS_GL"] == "False" and flags["HAS_L2"] == "True")
         if not fused:
-            assert r["fma_ptx"] == 0 and r["fma_sass"] == 0, f"{where}: contracted multiply-add"
+            # the step's IEEE divisions and square roots are FMA sequences in its SASS: its PTX tells
+            sass = 0 if r["kernel"] == "step_kernel" else r["fma_sass"]
+            assert r["fma_ptx"] == 0 and sass == 0, f"{where}: contracted multiply-add"
         else:
             assert r["fma_ptx"] > 0, f"{where}: the fused multiply-add is missing"
 

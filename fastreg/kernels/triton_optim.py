@@ -82,6 +82,17 @@ STEP_BLOCKS = {torch.float16: 1024, torch.bfloat16: 1024, torch.float32: 512, to
 """Elements a program updates per step: one 128-bit access per thread and tensor (with the
 4 warps of every launch), since each element holds five streams and fp64 temporaries."""
 
+STEP_OPTIONS = {
+    torch.float16: dict(LAUNCH_OPTIONS, maxnreg=192),
+    torch.bfloat16: dict(LAUNCH_OPTIONS, maxnreg=192),
+    torch.float32: dict(LAUNCH_OPTIONS, maxnreg=128),
+    torch.float64: dict(LAUNCH_OPTIONS, maxnreg=128),
+}
+"""The step kernel's register budgets by dtype, the least that leaves nothing on the stack for
+any variant on sm_80 and sm_90 (Triton 3.9). Left to choose, ptxas gives some variants fewer
+registers and a stack frame of 8 to 24 bytes. The 16-bit dtypes need the most: 8 elements per
+thread and stream, each with fp64 temporaries (2 blocks of 128 threads per SM)."""
+
 STEPS_BLOCK = 1024
 """Tensors whose steps one program of :func:`steps_kernel` advances."""
 
@@ -440,7 +451,7 @@ def _step(table: Table, dtype: torch.dtype, optimizer: int, hyper: Tuple[float, 
             table.data, ws, ws_end, lr_ptr, grad_scale, found_inf, firsts, lr_bits, f64_bits(a), f64_bits(b), *h,
             DTYPE=TL_DTYPES[dtype], ACC=accumulate_tl_dtype(dtype), BLOCK=block, OPTIMIZER=optimizer, TRACK=track,
             ABS=track and bool(l1), HAS_L2=bool(l2), HAS_L1=bool(l1), HAS_GL=bool(group_lasso), LR_TENSOR=tensor_lr,
-            MAXIMIZE=maximize, UNSCALE=grad_scale is not None, SKIPPABLE=skippable, **flags, **LAUNCH_OPTIONS,
+            MAXIMIZE=maximize, UNSCALE=grad_scale is not None, SKIPPABLE=skippable, **flags, **STEP_OPTIONS[dtype],
         )
         if track:
             launch_finalize(table, ws, with_abs=bool(l1), value=value, coefs=(l1, penalty_l2, group_lasso))
