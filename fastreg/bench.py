@@ -348,12 +348,14 @@ class AdamWStep(Task):
             return Regularized(self._adamw(params, setting, True), l1=setting.l1, mode="decoupled", backend=backend,
                                track_penalty=False, fuse=fuse)
 
-        # With cpp, Regularized runs the fused kernel itself; fuse=False shows the composition.
+        # With a fused step (cpp on CPU, triton on CUDA), Regularized runs its kernel itself;
+        # fuse=False shows the composition.
         cases = [Case(f"fastreg[{backend}] Regularized(AdamW(fused))", self._stepper(regularized(True)))]
-        if backend == "cpp":
-            fused = FusedAdamW(params, lr=setting.lr, weight_decay=setting.l2, l1=setting.l1, track_penalty=False)
-            cases += [Case("fastreg[cpp] Regularized(AdamW(fused), fuse=False)", self._stepper(regularized(False))),
-                      Case("fastreg.AdamW(l1) fused", self._stepper(fused))]
+        if BACKENDS[backend].step_ops(params[0].device) is not None:
+            fused = FusedAdamW(params, lr=setting.lr, weight_decay=setting.l2, l1=setting.l1, track_penalty=False,
+                               backend=backend)
+            cases += [Case(f"fastreg[{backend}] Regularized(AdamW(fused), fuse=False)", self._stepper(regularized(False))),
+                      Case(f"fastreg[{backend}] AdamW(l1) fused", self._stepper(fused))]
         return cases
 
     def snapshot(self, workload):
