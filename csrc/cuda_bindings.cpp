@@ -33,6 +33,15 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("group_lasso"));
   m.def("decay_", &fastreg::cuda::table_decay, py::arg("table"), py::arg("dtype"), py::arg("lr"), py::arg("lr_tensor"),
         py::arg("l1"), py::arg("l2"), py::arg("group_lasso"));
+  // The fused optimizer steps, with the planner module's signatures of their CPU twins.
+  m.def("adam_step_", &fastreg::cuda::table_adam_step, py::arg("table"), py::arg("dtype"), py::arg("lr"),
+        py::arg("lr_tensor"), py::arg("beta1"), py::arg("beta2"), py::arg("eps"), py::arg("weight_decay"),
+        py::arg("decoupled"), py::arg("amsgrad"), py::arg("maximize"), py::arg("grad_scale"), py::arg("found_inf"),
+        py::arg("l1"), py::arg("l2"), py::arg("group_lasso"), py::arg("penalty_l2"), py::arg("track"));
+  m.def("sgd_step_", &fastreg::cuda::table_sgd_step, py::arg("table"), py::arg("dtype"), py::arg("lr"),
+        py::arg("lr_tensor"), py::arg("momentum"), py::arg("dampening"), py::arg("weight_decay"), py::arg("nesterov"),
+        py::arg("maximize"), py::arg("first"), py::arg("grad_scale"), py::arg("found_inf"), py::arg("l1"),
+        py::arg("l2"), py::arg("group_lasso"), py::arg("penalty_l2"), py::arg("track"));
   m.def("list_table_cache_stats", [] {
     const auto s = fastreg::cuda::list_table_cache_stats();
     py::dict out;

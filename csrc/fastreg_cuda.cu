@@ -1,6 +1,6 @@
 // CUDA kernels for the fastreg ops: the torch.ops.fastreg list ops (schemas in ops.cpp, CPU
-// twin in fastreg_cpu.cpp) and the table ops of a plan (fastreg/_plan.py, through
-// cuda_bindings.cpp).
+// twin in fastreg_cpu.cpp), the table ops of a plan (fastreg/_plan.py, through
+// cuda_bindings.cpp) and the fused optimizer steps over a table (CPU twin in fastreg_optim.cpp).
 //
 // Every op walks the work layout of plan.h from a copy of its table in device memory: thread
 // blocks take work items (an item's whole groups, or one piece of a split group) in a grid-
@@ -18,7 +18,15 @@
 // split groups and the value) and an update pass, on the current stream.
 //
 // Elementwise math mirrors fastreg_cpu.cpp operation for operation, which products are fused
-// included; the build passes --fmad=false so that nvcc fuses nothing the source does not.
+// included; the build passes --fmad=false so that nvcc fuses nothing the source does not. The
+// optimizer updates are instead torch's CUDA fused Adam / AdamW / SGD, expression for expression
+// and type for type, so that with fastreg's terms off a step gives torch's bits: torch builds
+// those kernels with nvcc's default contraction, which turns each product that feeds an add
+// into an fma, so the updates write those fmas out.
+//
+// All the ops share one walk: the item pass (ItemPass) hands each run of a group to the op's
+// functor for one range, which loads, computes and stores its packs through walk_range; an op
+// supplies that functor and says what its pass reduces.
 #include "fastreg_cuda.h"
 
 #include <ATen/Dispatch.h>
@@ -56,9 +64,9 @@ namespace {
 
 // Threads per block of the item kernels, fixed at compile time: which thread sums which
 // elements, and so every rounding, depends on it. __launch_bounds__ asks for registers that let
-// kMinBlocks such blocks share an SM (at most 128 per thread): the widest variants (a 2-byte
-// dtype's decay with group scales) need about 120, and a tighter bound spills them to local
-// memory. The launches then size their grids from the registers each variant really uses
+// kMinBlocks such blocks share an SM (at most 128 per thread): the widest variants (fp64 Adam
+// with amsgrad and the group shrink's sums) need about 120, and a tighter bound spills them to
+// local memory. The launches then size their grids from the registers each variant really uses
 // (the occupancy API), and the compile check in tests/test_cuda.py fails on any spill.
 constexpr int kThreads = 256;
 constexpr int kWarps = kThreads / 32;
@@ -126,6 +134,30 @@ struct Params {
   bool decay;  // decay_: the sums pass sums thresholded weights, and the group scales shrink
 };
 
+// Per-call scalars of a fused optimizer step. `prox` carries the lr and fastreg's terms as the
+// decay takes them (l2 before the update, the l1 threshold and group shrink after it); the rest
+// are torch's hyperparameters, doubles as its fused ops take them (torch >= 2.11's fused Adam and
+// SGD round each to opmath_t once).
+struct StepParams {
+  Params prox;
+  double beta1;  // Adam
+  double beta2;
+  double eps;
+  double momentum;  // SGD
+  double dampening;
+  double weight_decay;
+  bool decoupled;  // AdamW
+  bool maximize;
+  bool nesterov;
+  const float* grad_scale;  // GradScaler's scale: the gradients are divided by it, and stored so
+  const float* found_inf;   // GradScaler's flag: nonzero skips the step (nothing is written)
+  const bool* first;        // SGD, per tensor: its momentum buffer is new (it starts as the gradient)
+};
+
+// Pointer rows of the optimizer tables, as the CPU ops take them.
+enum AdamRow : int64_t { kAdamParam = 0, kAdamGrad, kExpAvg, kExpAvgSq, kStep, kMaxExpAvgSq };
+enum SgdRow : int64_t { kSgdParam = 0, kSgdGrad, kMomentumBuffer };
+
 // Scratch arrays of one op call (nullptr: not needed by this call).
 template <typename acc_t>
 struct Workspace {
@@ -138,6 +170,10 @@ struct Workspace {
   acc_t* split_norm;  // per split group: its norm
   acc_t* slots;       // finalize: 3 partial totals per slot of kSlotItems items
   unsigned int* ticket;  // finalize: blocks done
+  acc_t* item_end_sq;  // optimizer steps, per item of a split group: its piece's sum of the
+                       // updated w^2, which the group shrink's norm is taken from
+  acc_t* step_size;    // Adam, per tensor: lr / bias_correction1 of its advanced step
+  acc_t* bias2_sqrt;   // Adam, per tensor: sqrt(bias_correction2)
 };
 
 // ---------------------------------------------------------------------------------------------
@@ -222,26 +258,28 @@ __device__ __forceinline__ void block_sum(T (&v)[N]) {
   __syncthreads();
 }
 
-template <typename T>
-struct alignas(16) Pack {
-  static constexpr int kSize = 16 / sizeof(T);
+// The elements one access moves: 16 bytes, or 8 where an op's registers hold fewer (the
+// optimizer steps' 2-byte dtypes: 4 elements of each row, as torch's fused kernels move).
+template <typename T, int kBytes = 16>
+struct alignas(kBytes) Pack {
+  static constexpr int kSize = kBytes / sizeof(T);
   T v[kSize];
 };
 
 // The first `left` (< kSize) elements of a pack, element by element: a range's last pack, or any
-// pack of a range that does not start on a 16-byte boundary. Never touches memory past them.
-template <typename T>
-__device__ __forceinline__ void load_part(Pack<T>& dst, const T* src, int left) {
+// pack of a range that does not start on a pack boundary. Never touches memory past them.
+template <typename T, int B>
+__device__ __forceinline__ void load_part(Pack<T, B>& dst, const T* src, int left) {
 #pragma unroll
-  for (int j = 0; j < Pack<T>::kSize; ++j) {
+  for (int j = 0; j < Pack<T, B>::kSize; ++j) {
     dst.v[j] = j < left ? src[j] : T(0.0f);
   }
 }
 
-template <typename T>
-__device__ __forceinline__ void store_part(T* dst, const Pack<T>& src, int left) {
+template <typename T, int B>
+__device__ __forceinline__ void store_part(T* dst, const Pack<T, B>& src, int left) {
 #pragma unroll
-  for (int j = 0; j < Pack<T>::kSize; ++j) {
+  for (int j = 0; j < Pack<T, B>::kSize; ++j) {
     if (j < left) {
       dst[j] = src.v[j];
     }
@@ -294,13 +332,19 @@ __device__ Ctx<acc_t> make_ctx(const Params& p) {
   return c;
 }
 
-// Decay steps 1 and 2: the l2 pre-scale, then the soft threshold max(|x| - t, 0) with x's sign
-// (NaN stays NaN, and -0.0 stays -0.0, as in the CPU kernel).
+// Decay step 1: the l2 pre-scale.
 template <typename acc_t>
-__device__ __forceinline__ acc_t decay_prefix(acc_t x, const Ctx<acc_t>& c) {
+__device__ __forceinline__ acc_t pre_scale(acc_t x, const Ctx<acc_t>& c) {
   if (c.use_l2) {
     x = x * c.factor;
   }
+  return x;
+}
+
+// Decay step 2: the soft threshold max(|x| - t, 0) with x's sign (NaN stays NaN, and -0.0
+// stays -0.0, as in the CPU kernel).
+template <typename acc_t>
+__device__ __forceinline__ acc_t soft_threshold(acc_t x, const Ctx<acc_t>& c) {
   if (c.use_thr) {
     acc_t v = fabs(x) - c.threshold;
     v = v < acc_t(0) ? acc_t(0) : v;
@@ -309,12 +353,23 @@ __device__ __forceinline__ acc_t decay_prefix(acc_t x, const Ctx<acc_t>& c) {
   return x;
 }
 
+// Decay steps 1 and 2. The optimizer steps run the optimizer's update between the two.
+template <typename acc_t>
+__device__ __forceinline__ acc_t decay_prefix(acc_t x, const Ctx<acc_t>& c) {
+  return soft_threshold(pre_scale(x, c), c);
+}
+
+// The block shrink's factor max(0, 1 - t / ||w_g||): 0 for an all-zero group and a NaN norm.
+template <typename acc_t>
+__device__ __forceinline__ acc_t shrink_scale(acc_t norm, acc_t t) {
+  return norm > t ? acc_t(1) - (acc_t(1) / norm) * t : acc_t(0);
+}
+
 // A group's factor in the update pass, from its norm, as in the CPU kernels.
 template <typename acc_t>
 __device__ __forceinline__ acc_t group_scale(acc_t norm, const Ctx<acc_t>& c) {
   if (c.decay) {
-    const acc_t t = c.shrink_threshold;
-    return norm > t ? acc_t(1) - (acc_t(1) / norm) * t : acc_t(0);
+    return shrink_scale(norm, c.shrink_threshold);
   }
   // An all-zero group has gradient 0 (1/||w_g|| taken as 0), as does a NaN norm.
   return c.base_scale + c.group_lasso * (norm > acc_t(0) ? acc_t(1) / norm : acc_t(0));
@@ -362,113 +417,668 @@ __device__ __forceinline__ void apply_pack(const Pack<scalar_t>& x, Pack<scalar_
   }
 }
 
-// Processes elements [0, n) of one range whose elements share one group `scale`; thread
-// `rank` of `kSize` cooperating threads takes packs rank, rank + size, ... in that order. Whole
-// packs of an aligned range move as 16-byte accesses, kUnroll of them loaded before any is used;
-// the rest element by element, with the same thread -> element assignment and order, so the
-// sums do not depend on alignment. A range is at most one work item (chunk <= kMaxChunk
-// elements), so 32-bit offsets within it suffice.
-template <int kSize, Kind K, bool kAccumulate, bool kWithSums, typename scalar_t, typename acc_t>
-__device__ __forceinline__ void run_range(scalar_t* w, scalar_t* out, int n, int rank, const Ctx<acc_t>& c,
-                                          acc_t scale, bool shrink, acc_t& a, acc_t& q) {
-  // A constant stride puts every unrolled access at an immediate offset from one address.
-  constexpr int size = kSize;
-  constexpr int N = Pack<scalar_t>::kSize;
-  constexpr int U = kUnroll<scalar_t>;
-  constexpr bool kReadOut = K == Kind::kGrad && kAccumulate;
-  scalar_t* dst = K == Kind::kGrad ? out : w;
-  bool aligned = reinterpret_cast<uintptr_t>(w) % 16 == 0;
-  if constexpr (K == Kind::kGrad) {
-    aligned = aligned && reinterpret_cast<uintptr_t>(out) % 16 == 0;
-  }
-  const int whole = aligned ? n / N : 0;  // packs moved as 16-byte accesses
+template <typename scalar_t>
+using acc_of = at::opmath_type<scalar_t>;
+
+template <int kBytes = 16, typename T>
+__device__ __forceinline__ bool is_aligned(const T* p) {
+  return reinterpret_cast<uintptr_t>(p) % kBytes == 0;
+}
+
+template <typename T, int B>
+__device__ __forceinline__ void load_pack(Pack<T, B>& dst, const T* p, int pk) {
+  dst = reinterpret_cast<const Pack<T, B>*>(p)[pk];
+}
+
+template <typename T, int B>
+__device__ __forceinline__ void store_pack(T* p, int pk, const Pack<T, B>& v) {
+  reinterpret_cast<Pack<T, B>*>(p)[pk] = v;
+}
+
+// The walk of one range, elements [0, n), shared by every op: thread `rank` of `size`
+// cooperating threads takes packs rank, rank + size, ... in that order. Whole packs of an aligned
+// range move as one access each, U of them loaded before any is used; the rest element by
+// element, with the same thread -> element assignment and order, so the sums depend neither on
+// alignment nor on U. A range is at most one work item (chunk <= kMaxChunk elements), so 32-bit
+// offsets within it suffice.
+//
+// `range` is the op's functor for the range: its Regs hold one pack of each stream the op reads;
+// load / load_part fill them (pack pk, or its first `left` elements), compute does the math of
+// the first `left` elements and adds to the sums v, store / store_part write what the op writes.
+// kRolledTail: the loop over the remaining packs stays a loop, for math too long for the
+// registers of the several packs the compiler would otherwise unroll it into; in an aligned
+// range it runs at most once.
+//
+// kSize > 0 fixes the stride at compile time (size_arg is then kSize): a constant stride puts
+// every unrolled access at an immediate offset from one address. kSize == 0 takes it from
+// size_arg, for ops that load one pack at a time, so their math is compiled once, not once per
+// block, warp and thread size.
+template <int kSize, int U, typename Range, typename Sums>
+__device__ __forceinline__ void walk_range(const Range& range, int n, int rank, int size_arg, Sums& v) {
+  const int size = kSize > 0 ? kSize : size_arg;
+  constexpr int N = Range::kPack;
+  const int whole = range.aligned() ? n / N : 0;  // packs moved as one access each
   for (int base = rank; base < whole; base += size * U) {
-    const Pack<scalar_t>* wp = reinterpret_cast<const Pack<scalar_t>*>(w) + base;
-    const Pack<scalar_t>* op = reinterpret_cast<const Pack<scalar_t>*>(out) + base;
-    Pack<scalar_t>* dp = reinterpret_cast<Pack<scalar_t>*>(dst) + base;
-    Pack<scalar_t> x[U];
-    Pack<scalar_t> y[U];
+    typename Range::Regs r[U];
 #pragma unroll
     for (int u = 0; u < U; ++u) {
       if (base + u * size < whole) {
-        x[u] = wp[u * size];
-        if constexpr (kReadOut) {
-          y[u] = op[u * size];
-        }
+        range.load(r[u], base + u * size);
       }
     }
 #pragma unroll
     for (int u = 0; u < U; ++u) {
       if (base + u * size < whole) {
-        apply_pack<K, kAccumulate, kWithSums>(x[u], y[u], N, c, scale, shrink, a, q);
-        if constexpr (K != Kind::kSums) {
-          dp[u * size] = y[u];
-        }
+        range.compute(r[u], N, v);
+        range.store(r[u], base + u * size);
       }
     }
   }
   // The packs after the whole ones (all of them when unaligned), each by its owner, in order.
   const int packs = (n + N - 1) / N;
   const int first = whole + ((rank - whole % size) % size + size) % size;
-  for (int pk = first; pk < packs; pk += size) {
+  auto part = [&](int pk) {
     const int left = min(N, n - pk * N);
-    Pack<scalar_t> x;
-    Pack<scalar_t> y;
-    load_part(x, w + pk * N, left);
-    if constexpr (kReadOut) {
-      load_part(y, out + pk * N, left);
+    typename Range::Regs r;
+    range.load_part(r, pk, left);
+    range.compute(r, left, v);
+    range.store_part(r, pk, left);
+  };
+  if constexpr (Range::kRolledTail) {
+#pragma unroll 1
+    for (int pk = first; pk < packs; pk += size) {
+      part(pk);
     }
-    apply_pack<K, kAccumulate, kWithSums>(x, y, left, c, scale, shrink, a, q);
-    if constexpr (K != Kind::kSums) {
-      store_part(dst + pk * N, y, left);
+  } else {
+    for (int pk = first; pk < packs; pk += size) {
+      part(pk);
     }
   }
 }
 
-// One thread's view of a pass over items: the ranges it runs and the sums it keeps.
-template <Kind K, bool kAccumulate, bool kWithSums, bool kGroups, typename scalar_t, typename acc_t>
-struct ItemPass {
+// An op, as the item walk (ItemPass) uses it:
+//   acc_t, Args (its kernel's per-call scalars), name() (its kernel's, for kernel_info);
+//   kLoads: packs of each stream a thread loads before it uses any;
+//   kReduce: the pass sums each range (kSums values: |w| and w^2 of the starting weights, and
+//     with kEndSums the updated w^2, whose group norms a group shrink takes);
+//   kRecord: the pass records what later kernels need of each group (per-tensor sums, group
+//     norms into the item's totals, with kGroupNorms the group scales);
+//   kSkippable: GradScaler may skip the call (found_inf); then `skip` is read per block, and
+//     the kernel runs the op's Skipped instead when the pass reduces, else returns;
+//   scale_of(norm): a recorded group's scale; range(g, tensor, begin): the functor of group g's
+//     run that starts at element `begin` of `tensor`.
+
+// The penalty's ops (sums, gradient, decay) by Kind: a range reads w (and, accumulating a
+// gradient, the gradient row) and writes the gradient row (kGrad), w (kDecay) or nothing.
+template <Kind K, bool kAccumulate, bool kWithSums, typename scalar_t, typename acc_t>
+struct PenaltyRange {
+  static constexpr int kPack = Pack<scalar_t>::kSize;
+  static constexpr bool kRolledTail = false;
+  static constexpr bool kReadOut = K == Kind::kGrad && kAccumulate;
+  struct Regs {
+    Pack<scalar_t> x;
+    Pack<scalar_t> y;
+  };
+  const scalar_t* w;
+  scalar_t* out;
+  const Ctx<acc_t>& c;
+  acc_t scale;
+  bool shrink;
+
+  __device__ __forceinline__ bool aligned() const {
+    return K == Kind::kGrad ? is_aligned(w) && is_aligned(out) : is_aligned(w);
+  }
+  __device__ __forceinline__ void load(Regs& r, int pk) const {
+    load_pack(r.x, w, pk);
+    if constexpr (kReadOut) {
+      load_pack(r.y, out, pk);
+    }
+  }
+  __device__ __forceinline__ void load_part(Regs& r, int pk, int left) const {
+    ::fastreg::cuda::load_part(r.x, w + pk * kPack, left);
+    if constexpr (kReadOut) {
+      ::fastreg::cuda::load_part(r.y, out + pk * kPack, left);
+    }
+  }
+  template <typename Sums>
+  __device__ __forceinline__ void compute(Regs& r, int left, Sums& v) const {
+    apply_pack<K, kAccumulate, kWithSums>(r.x, r.y, left, c, scale, shrink, v[0], v[1]);
+  }
+  __device__ __forceinline__ void store(const Regs& r, int pk) const {
+    if constexpr (K != Kind::kSums) {
+      store_pack(out, pk, r.y);
+    }
+  }
+  __device__ __forceinline__ void store_part(const Regs& r, int pk, int left) const {
+    if constexpr (K != Kind::kSums) {
+      ::fastreg::cuda::store_part(out + pk * kPack, r.y, left);
+    }
+  }
+};
+
+template <Kind K, bool kAccumulate, bool kWithSums, bool kGroups, typename scalar_t>
+struct PenaltyOp {
+  using acc_t = acc_of<scalar_t>;
+  using Args = Params;
+  using Range = PenaltyRange<K, kAccumulate, kWithSums, scalar_t, acc_t>;
+  static constexpr int kLoads = kUnroll<scalar_t>;
   static constexpr bool kReduce = K == Kind::kSums || kWithSums;
+  static constexpr bool kRecord = K == Kind::kSums;
+  static constexpr bool kGroupNorms = kGroups;
+  static constexpr bool kEndSums = false;
+  static constexpr int kSums = 2;
   static constexpr bool kReadScales = kGroups && K != Kind::kSums;
+  static constexpr bool kSkippable = false;
 
   const TableArgs& t;
-  const Ctx<acc_t>& c;
   const Workspace<acc_t>& ws;
-  acc_t total[3];  // this thread's share of the item's sum |w|, sum w^2, sum of group norms
+  const Ctx<acc_t> c;
 
-  // Elements [offset, offset + n) of group g, by thread `rank` of `size`; returns its sums.
-  __device__ __forceinline__ void run(int64_t g, int64_t offset, int n, int rank, int size, acc_t& a, acc_t& q) const {
-    const int64_t tensor = t.group_word(g, plan::kGroupTensor);
-    const int64_t begin = t.group_word(g, plan::kGroupStart) + offset;
+  __device__ __forceinline__ PenaltyOp(const TableArgs& t, const Params& p, const Workspace<acc_t>& ws)
+      : t(t), ws(ws), c(make_ctx<acc_t>(p)) {}
+
+  __device__ __forceinline__ acc_t scale_of(acc_t norm) const { return group_scale(norm, c); }
+
+  __device__ __forceinline__ Range range(int64_t g, int64_t tensor, int64_t begin) const {
     scalar_t* w = t.ptr<scalar_t>(0, tensor) + begin;
-    scalar_t* out = K == Kind::kGrad ? t.ptr<scalar_t>(1, tensor) + begin : nullptr;
+    scalar_t* out = K == Kind::kGrad ? t.ptr<scalar_t>(1, tensor) + begin : w;
     const acc_t scale = kReadScales ? ws.group_scale[g] : c.base_scale;
-    constexpr bool shrink = kReadScales && K == Kind::kDecay;
-    if (size == kThreads) {
-      run_range<kThreads, K, kAccumulate, kWithSums>(w, out, n, rank, c, scale, shrink, a, q);
-    } else if (size == 32) {
-      run_range<32, K, kAccumulate, kWithSums>(w, out, n, rank, c, scale, shrink, a, q);
-    } else {
-      run_range<1, K, kAccumulate, kWithSums>(w, out, n, rank, c, scale, shrink, a, q);
+    return Range{w, out, c, scale, kReadScales && K == Kind::kDecay};
+  }
+
+  static std::string name() {
+    return std::string("items<") + kind_name(K) + (kAccumulate ? ",accumulate" : "") + (kWithSums ? ",sums" : "") +
+           (kGroups ? ",groups" : "") + "," + c10::toString(c10::CppTypeToScalarType<scalar_t>::value) + ">";
+  }
+};
+
+// What a fused optimizer step's pass sums: nothing; the penalty of the starting weights (|w|,
+// w^2); or those and, for the group shrink, each group's w^2 after the update and threshold.
+enum class StepSums { kNone, kPenalty, kShrink };
+
+// The optimizer steps' packs: 16 bytes, 8 for a 2-byte dtype, whose 16-byte packs of 4 to 5 rows
+// (40 elements widened to fp32) would leave too few registers for the update's math.
+template <typename scalar_t>
+constexpr int kStepPackBytes = sizeof(scalar_t) == 2 ? 8 : 16;
+
+template <typename scalar_t>
+using StepPack = Pack<scalar_t, kStepPackBytes<scalar_t>>;
+
+const char* step_sums_name(StepSums s) {
+  return s == StepSums::kNone ? "" : s == StepSums::kPenalty ? ",penalty" : ",shrink";
+}
+
+// The lr of a step's update, in the type the optimizer's torch kernel computes with it.
+template <typename T>
+__device__ __forceinline__ T step_lr(const Params& p) {
+  return p.lr_ptr != nullptr ? load_scalar<T>(p.lr_ptr, p.lr_dtype) : static_cast<T>(p.lr);
+}
+
+// torch's adam_math (CUDA fused Adam / AdamW) for one element, which computes in opmath_t
+// throughout: lr, betas, eps and weight_decay rounded to it, the moments as fmas. Its rows at one
+// range: the gradient, both moments (and with kAmsgrad their running maximum), and the tensor's
+// bias corrections from the steps kernel.
+template <typename scalar_t, bool kAmsgrad>
+struct AdamUpdate {
+  using scalar_type = scalar_t;
+  using acc_t = acc_of<scalar_t>;  // torch's opmath_t
+  struct Regs {
+    StepPack<scalar_t> g;
+    StepPack<scalar_t> m;
+    StepPack<scalar_t> v;
+    StepPack<scalar_t> vmax;  // kAmsgrad
+  };
+  // Per call, resolved once per block.
+  struct Scalars {
+    acc_t lr;
+    acc_t beta1;
+    acc_t beta2;
+    acc_t eps;
+    acc_t weight_decay;
+    acc_t grad_scale;
+    bool unscale;
+
+    __device__ __forceinline__ explicit Scalars(const StepParams& h)
+        : lr(step_lr<acc_t>(h.prox)),
+          beta1(static_cast<acc_t>(h.beta1)),
+          beta2(static_cast<acc_t>(h.beta2)),
+          eps(static_cast<acc_t>(h.eps)),
+          weight_decay(static_cast<acc_t>(h.weight_decay)),
+          grad_scale(h.grad_scale != nullptr ? static_cast<acc_t>(*h.grad_scale) : acc_t(1)),
+          unscale(h.grad_scale != nullptr) {}
+  };
+  scalar_t* g;
+  scalar_t* m;
+  scalar_t* v;
+  scalar_t* vmax;
+  acc_t step_size;
+  acc_t bias_correction2_sqrt;
+
+  static const char* name() { return kAmsgrad ? "adam,amsgrad" : "adam"; }
+
+  AdamUpdate() = default;  // the rows of a skipped step, which reads none
+
+  __device__ __forceinline__ AdamUpdate(const TableArgs& t, const Workspace<acc_t>& ws, const StepParams&,
+                                        int64_t tensor, int64_t begin)
+      : g(t.ptr<scalar_t>(kAdamGrad, tensor) + begin),
+        m(t.ptr<scalar_t>(kExpAvg, tensor) + begin),
+        v(t.ptr<scalar_t>(kExpAvgSq, tensor) + begin),
+        vmax(kAmsgrad ? t.ptr<scalar_t>(kMaxExpAvgSq, tensor) + begin : nullptr),
+        step_size(ws.step_size[tensor]),
+        bias_correction2_sqrt(ws.bias2_sqrt[tensor]) {}
+
+  __device__ __forceinline__ bool aligned() const {
+    constexpr int B = kStepPackBytes<scalar_t>;
+    return is_aligned<B>(g) && is_aligned<B>(m) && is_aligned<B>(v) && (!kAmsgrad || is_aligned<B>(vmax));
+  }
+  __device__ __forceinline__ void load(Regs& r, int pk) const {
+    load_pack(r.g, g, pk);
+    load_pack(r.m, m, pk);
+    load_pack(r.v, v, pk);
+    if constexpr (kAmsgrad) {
+      load_pack(r.vmax, vmax, pk);
+    }
+  }
+  __device__ __forceinline__ void load_part(Regs& r, int pk, int left) const {
+    constexpr int N = StepPack<scalar_t>::kSize;
+    ::fastreg::cuda::load_part(r.g, g + pk * N, left);
+    ::fastreg::cuda::load_part(r.m, m + pk * N, left);
+    ::fastreg::cuda::load_part(r.v, v + pk * N, left);
+    if constexpr (kAmsgrad) {
+      ::fastreg::cuda::load_part(r.vmax, vmax + pk * N, left);
+    }
+  }
+  __device__ __forceinline__ void store(const Regs& r, int pk, bool unscale) const {
+    if (unscale) {
+      store_pack(g, pk, r.g);
+    }
+    store_pack(m, pk, r.m);
+    store_pack(v, pk, r.v);
+    if constexpr (kAmsgrad) {
+      store_pack(vmax, pk, r.vmax);
+    }
+  }
+  __device__ __forceinline__ void store_part(const Regs& r, int pk, int left, bool unscale) const {
+    constexpr int N = StepPack<scalar_t>::kSize;
+    if (unscale) {
+      ::fastreg::cuda::store_part(g + pk * N, r.g, left);
+    }
+    ::fastreg::cuda::store_part(m + pk * N, r.m, left);
+    ::fastreg::cuda::store_part(v + pk * N, r.v, left);
+    if constexpr (kAmsgrad) {
+      ::fastreg::cuda::store_part(vmax + pk * N, r.vmax, left);
     }
   }
 
-  // A whole group's sums are known (to one thread): they join the item's, and a sums pass
-  // records what later passes need of the group.
-  __device__ __forceinline__ void finish_group(int64_t g, acc_t a, acc_t q) {
-    total[0] += a;
-    total[1] += q;
-    if constexpr (K == Kind::kSums) {
+  // Element j: the param in, the updated param out; the state (and an unscaled gradient) left in r.
+  __device__ __forceinline__ acc_t update(const StepParams& h, const Scalars& s, Regs& r, int j, acc_t param) const {
+    acc_t grad = static_cast<acc_t>(r.g.v[j]);
+    if (s.unscale) {
+      grad /= s.grad_scale;
+      r.g.v[j] = static_cast<scalar_t>(grad);  // stored unscaled, before maximize's negation
+    }
+    if (h.maximize) {
+      grad = -grad;
+    }
+    if (h.weight_decay != 0) {
+      if (!h.decoupled) {
+        grad = fused_mul_add(param, s.weight_decay, grad);  // grad += param * weight_decay
+      } else {
+        param = fused_mul_add(-(s.lr * s.weight_decay), param, param);  // param -= lr * weight_decay * param
+      }
+    }
+    acc_t exp_avg = static_cast<acc_t>(r.m.v[j]);
+    acc_t exp_avg_sq = static_cast<acc_t>(r.v.v[j]);
+    exp_avg = fused_mul_add(s.beta1, exp_avg, fused_mul_add(-s.beta1, grad, grad));
+    const acc_t grad_sq = grad * grad;
+    exp_avg_sq = fused_mul_add(s.beta2, exp_avg_sq, fused_mul_add(-s.beta2, grad_sq, grad_sq));
+    acc_t denom;
+    if constexpr (kAmsgrad) {
+      acc_t max_exp_avg_sq = static_cast<acc_t>(r.vmax.v[j]);
+      max_exp_avg_sq = max_exp_avg_sq < exp_avg_sq ? exp_avg_sq : max_exp_avg_sq;  // std::max's order
+      denom = (sqrt(max_exp_avg_sq) / bias_correction2_sqrt) + s.eps;
+      r.vmax.v[j] = static_cast<scalar_t>(max_exp_avg_sq);
+    } else {
+      denom = (sqrt(exp_avg_sq) / bias_correction2_sqrt) + s.eps;
+    }
+    param -= step_size * exp_avg / denom;
+    r.m.v[j] = static_cast<scalar_t>(exp_avg);
+    r.v.v[j] = static_cast<scalar_t>(exp_avg_sq);
+    return param;
+  }
+};
+
+// torch's sgd_math (CUDA fused SGD) for one element, which (torch >= 2.11) computes in opmath_t
+// throughout: weight_decay, momentum, dampening and lr rounded to it once, the weight decay, the
+// nesterov term and the update as fmas, the momentum buffer as two rounded products and an add.
+// Its rows at one range: the gradient and, with kMomentum, the momentum buffer. A tensor's first
+// step does not use the buffer's values, but loads them all the same: a load that depends on the
+// flag would cost the registers of two code paths, and a first step happens once.
+template <typename scalar_t, bool kMomentum>
+struct SgdUpdate {
+  using scalar_type = scalar_t;
+  using acc_t = acc_of<scalar_t>;  // torch's opmath_t
+  struct Regs {
+    StepPack<scalar_t> g;
+    StepPack<scalar_t> buf;  // kMomentum
+  };
+  // Per call, resolved once per block.
+  struct Scalars {
+    acc_t lr;
+    acc_t weight_decay;
+    acc_t momentum;
+    acc_t one_minus_dampening;  // 1 - dampening, in acc_t from the rounded dampening
+    acc_t grad_scale;
+    bool unscale;
+
+    __device__ __forceinline__ explicit Scalars(const StepParams& h)
+        : lr(step_lr<acc_t>(h.prox)),
+          weight_decay(static_cast<acc_t>(h.weight_decay)),
+          momentum(static_cast<acc_t>(h.momentum)),
+          one_minus_dampening(acc_t(1) - static_cast<acc_t>(h.dampening)),
+          grad_scale(h.grad_scale != nullptr ? static_cast<acc_t>(*h.grad_scale) : acc_t(1)),
+          unscale(h.grad_scale != nullptr) {}
+  };
+  scalar_t* g;
+  scalar_t* buf;
+  bool first;
+
+  static const char* name() { return kMomentum ? "sgd,momentum" : "sgd"; }
+
+  SgdUpdate() = default;  // the rows of a skipped step, which reads none
+
+  __device__ __forceinline__ SgdUpdate(const TableArgs& t, const Workspace<acc_t>&, const StepParams& h,
+                                       int64_t tensor, int64_t begin)
+      : g(t.ptr<scalar_t>(kSgdGrad, tensor) + begin),
+        buf(kMomentum ? t.ptr<scalar_t>(kMomentumBuffer, tensor) + begin : nullptr),
+        first(kMomentum && h.first != nullptr && h.first[tensor]) {}
+
+  __device__ __forceinline__ bool aligned() const {
+    constexpr int B = kStepPackBytes<scalar_t>;
+    return is_aligned<B>(g) && (!kMomentum || is_aligned<B>(buf));
+  }
+  __device__ __forceinline__ void load(Regs& r, int pk) const {
+    load_pack(r.g, g, pk);
+    if constexpr (kMomentum) {
+      load_pack(r.buf, buf, pk);
+    }
+  }
+  __device__ __forceinline__ void load_part(Regs& r, int pk, int left) const {
+    constexpr int N = StepPack<scalar_t>::kSize;
+    ::fastreg::cuda::load_part(r.g, g + pk * N, left);
+    if constexpr (kMomentum) {
+      ::fastreg::cuda::load_part(r.buf, buf + pk * N, left);
+    }
+  }
+  __device__ __forceinline__ void store(const Regs& r, int pk, bool unscale) const {
+    if (unscale) {
+      store_pack(g, pk, r.g);
+    }
+    if constexpr (kMomentum) {
+      store_pack(buf, pk, r.buf);
+    }
+  }
+  __device__ __forceinline__ void store_part(const Regs& r, int pk, int left, bool unscale) const {
+    constexpr int N = StepPack<scalar_t>::kSize;
+    if (unscale) {
+      ::fastreg::cuda::store_part(g + pk * N, r.g, left);
+    }
+    if constexpr (kMomentum) {
+      ::fastreg::cuda::store_part(buf + pk * N, r.buf, left);
+    }
+  }
+
+  // Element j: the param in, the updated param out; the buffer (and an unscaled gradient) left in r.
+  __device__ __forceinline__ acc_t update(const StepParams& h, const Scalars& s, Regs& r, int j, acc_t p) const {
+    acc_t g = static_cast<acc_t>(r.g.v[j]);
+    if (s.unscale) {
+      g /= s.grad_scale;
+      r.g.v[j] = static_cast<scalar_t>(g);  // stored unscaled, before maximize's negation
+    }
+    if (h.maximize) {
+      g = -g;
+    }
+    if (s.weight_decay != 0) {
+      g = fused_mul_add(s.weight_decay, p, g);  // g += weight_decay * p
+    }
+    if constexpr (kMomentum) {
+      // momentum * buf + (1 - dampening) * g: both products rounded, then added (no fma).
+      const acc_t momentum_buffer =
+          first ? g : s.momentum * static_cast<acc_t>(r.buf.v[j]) + s.one_minus_dampening * g;
+      r.buf.v[j] = static_cast<scalar_t>(momentum_buffer);
+      if (h.nesterov) {
+        g = fused_mul_add(s.momentum, momentum_buffer, g);  // g + momentum * momentum_buffer
+      } else {
+        g = momentum_buffer;
+      }
+    }
+    return fused_mul_add(-s.lr, g, p);  // p -= lr * g
+  }
+};
+
+// A fused optimizer step's pass (Update: AdamUpdate or SgdUpdate), per element in registers: the
+// penalty sums of the starting weight; the l2 pre-scale; the optimizer's update; the l1
+// threshold; one store of each row. kSkipped: the pass of a step that GradScaler skips, which
+// reads the weights alone, for the penalty's sums, and writes nothing.
+template <typename Update, StepSums S, bool kSkipped = false>
+struct StepOp {
+  using scalar_t = typename Update::scalar_type;
+  using acc_t = acc_of<scalar_t>;
+  using Args = StepParams;
+  using Skipped = StepOp<Update, S, true>;
+  // One pack of each of 3 to 5 rows in flight per thread (torch's fused kernels keep as many),
+  // in the registers kMinBlocks blocks leave.
+  static constexpr int kLoads = 1;
+  static constexpr bool kReduce = S != StepSums::kNone;
+  static constexpr bool kRecord = kReduce;
+  static constexpr bool kGroupNorms = S == StepSums::kShrink;
+  static constexpr bool kEndSums = S == StepSums::kShrink;
+  static constexpr int kSums = kEndSums ? 3 : 2;
+  // Tested once per kernel, not per element: both paths in one loop would need the registers of
+  // both.
+  static constexpr bool kSkippable = !kSkipped;
+
+  struct Range {
+    static constexpr int kPack = StepPack<scalar_t>::kSize;
+    static constexpr bool kRolledTail = true;
+    struct Regs {
+      StepPack<scalar_t> x;
+      typename Update::Regs u;
+    };
+    const StepOp& op;
+    scalar_t* w;
+    Update rows;
+
+    __device__ __forceinline__ bool aligned() const {
+      return is_aligned<kStepPackBytes<scalar_t>>(w) && (kSkipped || rows.aligned());
+    }
+    __device__ __forceinline__ void load(Regs& r, int pk) const {
+      load_pack(r.x, w, pk);
+      if constexpr (!kSkipped) {
+        rows.load(r.u, pk);
+      }
+    }
+    __device__ __forceinline__ void load_part(Regs& r, int pk, int left) const {
+      ::fastreg::cuda::load_part(r.x, w + pk * kPack, left);
+      if constexpr (!kSkipped) {
+        rows.load_part(r.u, pk, left);
+      }
+    }
+    template <typename Sums>
+    __device__ __forceinline__ void compute(Regs& r, int left, Sums& v) const {
+#pragma unroll
+      for (int j = 0; j < kPack; ++j) {
+        if (j >= left) {
+          continue;
+        }
+        acc_t x = static_cast<acc_t>(r.x.v[j]);
+        if constexpr (kReduce) {
+          v[0] += fabs(x);
+          v[1] = fused_mul_add(x, x, v[1]);
+        }
+        if constexpr (!kSkipped) {
+          x = soft_threshold(rows.update(op.h, op.s, r.u, j, pre_scale(x, op.c)), op.c);
+          if constexpr (kEndSums) {
+            v[2] = fused_mul_add(x, x, v[2]);
+          }
+          r.x.v[j] = static_cast<scalar_t>(x);
+        }
+      }
+    }
+    __device__ __forceinline__ void store(const Regs& r, int pk) const {
+      if constexpr (!kSkipped) {
+        store_pack(w, pk, r.x);
+        rows.store(r.u, pk, op.s.unscale);
+      }
+    }
+    __device__ __forceinline__ void store_part(const Regs& r, int pk, int left) const {
+      if constexpr (!kSkipped) {
+        ::fastreg::cuda::store_part(w + pk * kPack, r.x, left);
+        rows.store_part(r.u, pk, left, op.s.unscale);
+      }
+    }
+  };
+
+  const TableArgs& t;
+  const Workspace<acc_t>& ws;
+  const StepParams& h;
+  const Ctx<acc_t> c;
+  const typename Update::Scalars s;
+  const bool skip;
+
+  __device__ __forceinline__ StepOp(const TableArgs& t, const StepParams& h, const Workspace<acc_t>& ws)
+      : t(t),
+        ws(ws),
+        h(h),
+        c(make_ctx<acc_t>(h.prox)),
+        s(h),
+        skip(h.found_inf != nullptr && *h.found_inf != 0.0f) {}
+
+  // Always the shrink's factor: the gradient's, which group_scale() would also compile in
+  // behind c.decay, is never a step's.
+  __device__ __forceinline__ acc_t scale_of(acc_t norm) const { return shrink_scale(norm, c.shrink_threshold); }
+
+  __device__ __forceinline__ Range range(int64_t, int64_t tensor, int64_t begin) const {
+    scalar_t* w = t.ptr<scalar_t>(0, tensor) + begin;
+    if constexpr (kSkipped) {
+      return Range{*this, w, Update()};
+    } else {
+      return Range{*this, w, Update(t, ws, h, tensor, begin)};
+    }
+  }
+
+  static std::string name() {
+    return std::string("items<") + Update::name() + step_sums_name(S) + "," +
+           c10::toString(c10::CppTypeToScalarType<scalar_t>::value) + ">";
+  }
+};
+
+// A step's group shrink, after the step's pass and the finalize: w *= the group's factor. A
+// step that GradScaler skips is left as it is.
+template <typename scalar_t>
+struct ShrinkOp {
+  using acc_t = acc_of<scalar_t>;
+  using Args = StepParams;
+  static constexpr int kLoads = kUnroll<scalar_t>;
+  static constexpr bool kReduce = false;
+  static constexpr bool kRecord = false;
+  static constexpr bool kGroupNorms = false;
+  static constexpr bool kEndSums = false;
+  static constexpr int kSums = 2;
+  static constexpr bool kSkippable = true;  // with nothing to reduce, a skipped call returns
+  using Skipped = ShrinkOp;
+
+  struct Range {
+    static constexpr int kPack = Pack<scalar_t>::kSize;
+    static constexpr bool kRolledTail = false;
+    struct Regs {
+      Pack<scalar_t> x;
+    };
+    scalar_t* w;
+    acc_t scale;
+
+    __device__ __forceinline__ bool aligned() const { return is_aligned(w); }
+    __device__ __forceinline__ void load(Regs& r, int pk) const { load_pack(r.x, w, pk); }
+    __device__ __forceinline__ void load_part(Regs& r, int pk, int left) const {
+      ::fastreg::cuda::load_part(r.x, w + pk * kPack, left);
+    }
+    template <typename Sums>
+    __device__ __forceinline__ void compute(Regs& r, int left, Sums&) const {
+#pragma unroll
+      for (int j = 0; j < kPack; ++j) {
+        if (j < left) {
+          r.x.v[j] = static_cast<scalar_t>(static_cast<acc_t>(r.x.v[j]) * scale);
+        }
+      }
+    }
+    __device__ __forceinline__ void store(const Regs& r, int pk) const { store_pack(w, pk, r.x); }
+    __device__ __forceinline__ void store_part(const Regs& r, int pk, int left) const {
+      ::fastreg::cuda::store_part(w + pk * kPack, r.x, left);
+    }
+  };
+
+  const TableArgs& t;
+  const Workspace<acc_t>& ws;
+  const bool skip;
+
+  __device__ __forceinline__ ShrinkOp(const TableArgs& t, const StepParams& h, const Workspace<acc_t>& ws)
+      : t(t), ws(ws), skip(h.found_inf != nullptr && *h.found_inf != 0.0f) {}
+
+  __device__ __forceinline__ Range range(int64_t g, int64_t tensor, int64_t begin) const {
+    return Range{t.ptr<scalar_t>(0, tensor) + begin, ws.group_scale[g]};
+  }
+
+  static std::string name() {
+    return std::string("items<shrink,") + c10::toString(c10::CppTypeToScalarType<scalar_t>::value) + ">";
+  }
+};
+
+// One thread's view of a pass of `Op` over items: the ranges it runs and the sums it keeps.
+template <typename Op>
+struct ItemPass {
+  using acc_t = typename Op::acc_t;
+  using Sums = acc_t[Op::kSums];
+
+  const TableArgs& t;
+  const Op& op;
+  const Workspace<acc_t>& ws;
+  acc_t total[3];  // this thread's share of the item's sum |w|, sum w^2, sum of group norms
+
+  // Elements [offset, offset + n) of group g, by thread `rank` of `size`; adds its sums to v.
+  __device__ __forceinline__ void run(int64_t g, int64_t offset, int n, int rank, int size, Sums& v) const {
+    const int64_t tensor = t.group_word(g, plan::kGroupTensor);
+    const auto range = op.range(g, tensor, t.group_word(g, plan::kGroupStart) + offset);
+    if constexpr (Op::kLoads == 1) {
+      walk_range<0, 1>(range, n, rank, size, v);
+    } else if (size == kThreads) {
+      walk_range<kThreads, Op::kLoads>(range, n, rank, kThreads, v);
+    } else if (size == 32) {
+      walk_range<32, Op::kLoads>(range, n, rank, 32, v);
+    } else {
+      walk_range<1, Op::kLoads>(range, n, rank, 1, v);
+    }
+  }
+
+  // A whole group's sums are known (to one thread): they join the item's, and a recording pass
+  // keeps what later passes need of the group.
+  __device__ __forceinline__ void finish_group(int64_t g, const Sums& v) {
+    total[0] += v[0];
+    total[1] += v[1];
+    if constexpr (Op::kRecord) {
       if (ws.tensor_abs != nullptr) {
         const int64_t tensor = t.group_word(g, plan::kGroupTensor);
-        ws.tensor_abs[tensor] = a;
-        ws.tensor_sq[tensor] = q;
+        ws.tensor_abs[tensor] = v[0];
+        ws.tensor_sq[tensor] = v[1];
       }
-      if constexpr (kGroups) {
-        const acc_t norm = sqrt(q);
+      if constexpr (Op::kGroupNorms) {
+        const acc_t norm = sqrt(v[1]);
         total[2] += norm;
         if (ws.group_scale != nullptr) {
-          ws.group_scale[g] = group_scale(norm, c);
+          if constexpr (Op::kEndSums) {
+            ws.group_scale[g] = op.scale_of(sqrt(v[2]));
+          } else {
+            ws.group_scale[g] = op.scale_of(norm);
+          }
         }
       }
     }
@@ -539,28 +1149,33 @@ struct ItemPass {
         const int64_t g = base + __ffs(bit) - 1;
         const int64_t group_len = t.group_word(g, plan::kGroupLen);
         const bool split = group_len > t.chunk;
-        acc_t v[2] = {acc_t(0), acc_t(0)};
+        Sums v = {};
         run(g, split ? t.item_word(i, plan::kItemOffset) : 0,
-            static_cast<int>(split ? t.item_word(i, plan::kItemLen) : group_len), rank, size, v[0], v[1]);
-        if constexpr (kReduce) {
+            static_cast<int>(split ? t.item_word(i, plan::kItemLen) : group_len), rank, size, v);
+        if constexpr (Op::kReduce) {
           if (size == kThreads) {
             block_sum(v);
           } else if (size == 32) {
-            v[0] = warp_sum(v[0]);
-            v[1] = warp_sum(v[1]);
+#pragma unroll
+            for (int k = 0; k < Op::kSums; ++k) {
+              v[k] = warp_sum(v[k]);
+            }
           }
           if (rank == 0) {
             if (split) {  // a piece: the finalize combines the group's pieces
               total[0] += v[0];
               total[1] += v[1];
+              if constexpr (Op::kEndSums) {
+                ws.item_end_sq[i] = v[2];  // the item's only run
+              }
             } else {
-              finish_group(g, v[0], v[1]);
+              finish_group(g, v);
             }
           }
         }
       }
     }
-    if constexpr (kReduce) {
+    if constexpr (Op::kReduce) {
       block_sum(total);
       if (tid == 0) {
         ws.item_abs[i] = total[0];
@@ -573,27 +1188,71 @@ struct ItemPass {
   }
 };
 
-template <typename scalar_t>
-using acc_of = at::opmath_type<scalar_t>;
+template <typename Op>
+__device__ __forceinline__ void walk_items(const TableArgs& t, const Op& op, const Workspace<typename Op::acc_t>& ws) {
+  ItemPass<Op> pass{t, op, ws, {}};
+  for (int64_t i = blockIdx.x; i < t.items; i += gridDim.x) {
+    pass.item(i);
+  }
+}
 
-template <Kind K, bool kAccumulate, bool kWithSums, bool kGroups, typename scalar_t>
+template <typename Op>
 __global__ void __launch_bounds__(kThreads, kMinBlocks)
-    items_kernel(const TableArgs t, const Params params, const Workspace<acc_of<scalar_t>> ws) {
-  using acc_t = acc_of<scalar_t>;
+    items_kernel(const TableArgs t, const typename Op::Args args, const Workspace<typename Op::acc_t> ws) {
   if (ws.ticket != nullptr && blockIdx.x == 0 && threadIdx.x == 0) {
     *ws.ticket = 0;  // the finalize that follows on this stream counts its blocks from zero
   }
-  const Ctx<acc_t> c = make_ctx<acc_t>(params);
-  ItemPass<K, kAccumulate, kWithSums, kGroups, scalar_t, acc_t> pass{t, c, ws, {}};
-  for (int64_t i = blockIdx.x; i < t.items; i += gridDim.x) {
-    pass.item(i);
+  const Op op(t, args, ws);
+  if constexpr (Op::kSkippable) {
+    if (op.skip) {
+      if constexpr (Op::kReduce) {
+        walk_items(t, typename Op::Skipped(t, args, ws), ws);
+      }
+      return;
+    }
+  }
+  walk_items(t, op, ws);
+}
+
+// Threads per block of the steps kernel (a thread per tensor).
+constexpr int kStepThreads = 128;
+
+// Adam's steps, before its pass: each tensor's float32 step advanced on the device as torch's
+// fused Adam does around its kernel (+1, then -found_inf), and the tensor's bias-corrected
+// constants for the pass, computed once per tensor where torch's kernel computes them per block.
+// A launch of its own, since the items of a split tensor would race on its step.
+template <typename acc_t>
+__global__ void __launch_bounds__(kStepThreads)
+    steps_kernel(const TableArgs t, const StepParams h, const Workspace<acc_t> ws) {
+  const acc_t lr = step_lr<acc_t>(h.prox);
+  const acc_t beta1 = static_cast<acc_t>(h.beta1);
+  const acc_t beta2 = static_cast<acc_t>(h.beta2);
+  const float found_inf = h.found_inf != nullptr ? *h.found_inf : 0.0f;
+  const int64_t stride = static_cast<int64_t>(gridDim.x) * kStepThreads;
+  for (int64_t k = static_cast<int64_t>(blockIdx.x) * kStepThreads + threadIdx.x; k < t.tensors; k += stride) {
+    float* step = t.ptr<float>(kStep, k);
+    float n = *step + 1.0f;
+    if (h.found_inf != nullptr) {
+      n = n - found_inf;
+    }
+    *step = n;
+    if (found_inf != 0.0f) {
+      continue;  // the pass writes nothing, and reads none of these
+    }
+    // As torch's kernel, in opmath_t: pow(opmath_t, opmath_t) of the step read as opmath_t.
+    const acc_t step_count = static_cast<acc_t>(n);
+    const acc_t bias_correction1 = 1 - pow(beta1, step_count);
+    const acc_t bias_correction2 = 1 - pow(beta2, step_count);
+    ws.step_size[k] = lr / bias_correction1;
+    ws.bias2_sqrt[k] = sqrt(bias_correction2);
   }
 }
 
 // After a sums pass: each split group's sums from its items' pieces (a warp per group, lanes
 // over its items, in a fixed tree), giving per-tensor norms, group scales and group norms;
 // then, when `value` is wanted, P from every item's sums and the split groups' norms: slots of
-// kSlotItems items summed by one block each, and the slots by the last block to finish.
+// kSlotItems items summed by one block each, and the slots by the last block to finish. After an
+// optimizer step's pass (item_end_sq), a split group's scale is the shrink of its updated norm.
 template <typename acc_t>
 __global__ void __launch_bounds__(kFinalizeThreads)
     finalize_kernel(const TableArgs t, const Params params, const Workspace<acc_t> ws, acc_t* value) {
@@ -604,13 +1263,17 @@ __global__ void __launch_bounds__(kFinalizeThreads)
     const int64_t g = __ldg(t.words + t.split_at + s);
     const int64_t first = t.group_word(g, plan::kGroupItem);
     const int64_t count = (t.group_word(g, plan::kGroupLen) + t.chunk - 1) / t.chunk;
-    acc_t a(0), q(0);
+    acc_t a(0), q(0), e(0);
     for (int64_t j = lane; j < count; j += 32) {
       a += ws.item_abs[first + j];
       q += ws.item_sq[first + j];
+      if (ws.item_end_sq != nullptr) {
+        e += ws.item_end_sq[first + j];
+      }
     }
     a = warp_sum(a);
     q = warp_sum(q);
+    e = warp_sum(e);
     if (lane == 0) {
       if (ws.tensor_abs != nullptr) {
         const int64_t tensor = t.group_word(g, plan::kGroupTensor);
@@ -619,7 +1282,7 @@ __global__ void __launch_bounds__(kFinalizeThreads)
       }
       const acc_t norm = sqrt(q);
       if (ws.group_scale != nullptr) {
-        ws.group_scale[g] = group_scale(norm, c);
+        ws.group_scale[g] = group_scale(ws.item_end_sq != nullptr ? sqrt(e) : norm, c);
       }
       if (ws.split_norm != nullptr) {
         ws.split_norm[s] = norm;
@@ -777,28 +1440,35 @@ struct Launch {
   }
 };
 
-template <Kind K, bool kAccumulate, bool kWithSums, bool kGroups, typename scalar_t>
-void launch_items(const Launch& l, const Params& p, const Workspace<acc_of<scalar_t>>& ws) {
-  const auto kernel = items_kernel<K, kAccumulate, kWithSums, kGroups, scalar_t>;
-  static const std::string name = std::string("items<") + kind_name(K) + (kAccumulate ? ",accumulate" : "") +
-                                  (kWithSums ? ",sums" : "") + (kGroups ? ",groups" : "") + "," +
-                                  dtype_name(c10::CppTypeToScalarType<scalar_t>::value) + ">";
-  const int resident = resident_blocks(reinterpret_cast<const void*>(kernel), kThreads, l.device, name.c_str());
-  const auto grid = static_cast<unsigned int>(std::min<int64_t>(l.args.items, resident));
-  kernel<<<grid, kThreads, 0, l.stream>>>(l.args, p, ws);
+// Every launch: a grid of `blocks` (at least one), never more than fit on the device at once,
+// recorded under `name` for kernel_info.
+template <typename... KernelArgs, typename... Args>
+void launch(void (*kernel)(KernelArgs...), const std::string& name, int threads, int64_t blocks, const Launch& l,
+            const Args&... args) {
+  const int resident = resident_blocks(reinterpret_cast<const void*>(kernel), threads, l.device, name.c_str());
+  const auto grid = static_cast<unsigned int>(std::clamp<int64_t>(blocks, 1, resident));
+  kernel<<<grid, threads, 0, l.stream>>>(args...);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+template <typename Op>
+void launch_items(const Launch& l, const typename Op::Args& p, const Workspace<typename Op::acc_t>& ws) {
+  static const std::string name = Op::name();
+  launch(items_kernel<Op>, name, kThreads, l.args.items, l, l.args, p, ws);
 }
 
 template <typename acc_t>
 void launch_finalize(const Launch& l, const Params& p, const Workspace<acc_t>& ws, acc_t* value) {
-  const auto kernel = finalize_kernel<acc_t>;
   static const std::string name = std::string("finalize<") + dtype_name(c10::CppTypeToScalarType<acc_t>::value) + ">";
-  const int resident = resident_blocks(reinterpret_cast<const void*>(kernel), kFinalizeThreads, l.device, name.c_str());
   const int64_t split_blocks = (l.args.split_groups + kFinalizeWarps - 1) / kFinalizeWarps;
   const int64_t slots = value != nullptr ? (l.args.items + kSlotItems - 1) / kSlotItems : 0;
-  const int64_t blocks = std::clamp<int64_t>(std::max(split_blocks, slots), 1, resident);
-  kernel<<<static_cast<unsigned int>(blocks), kFinalizeThreads, 0, l.stream>>>(l.args, p, ws, value);
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  launch(finalize_kernel<acc_t>, name, kFinalizeThreads, std::max(split_blocks, slots), l, l.args, p, ws, value);
+}
+
+template <typename acc_t>
+void launch_steps(const Launch& l, const StepParams& h, const Workspace<acc_t>& ws) {
+  static const std::string name = std::string("steps<") + dtype_name(c10::CppTypeToScalarType<acc_t>::value) + ">";
+  launch(steps_kernel<acc_t>, name, kStepThreads, (l.args.tensors + kStepThreads - 1) / kStepThreads, l, l.args, h, ws);
 }
 
 // Which scratch arrays a call needs.
@@ -807,6 +1477,8 @@ struct Needs {
   bool norms = false;        // item_norm, split_norm
   bool group_scale = false;  // group_scale
   bool totals = false;       // slots, ticket
+  bool end_sums = false;     // item_end_sq
+  bool steps = false;        // step_size, bias2_sqrt
 };
 
 // One device buffer for all scratch arrays of a call, from the caching allocator.
@@ -822,6 +1494,8 @@ struct Scratch {
     const int64_t groups = needs.group_scale ? table.num_groups() : 0;
     const int64_t slots = needs.totals ? 3 * ((table.num_items() + kSlotItems - 1) / kSlotItems) : 0;
     const int64_t tickets = needs.totals ? 1 : 0;
+    const int64_t end_sums = needs.end_sums ? table.num_items() : 0;
+    const int64_t tensors = needs.steps ? table.num_tensors() : 0;
     int64_t bytes = 0;
     auto reserve = [&](int64_t count, int64_t size) {
       const int64_t at = bytes;
@@ -835,6 +1509,9 @@ struct Scratch {
     const int64_t split_at = reserve(split, sizeof(acc_t));
     const int64_t slots_at = reserve(slots, sizeof(acc_t));
     const int64_t ticket_at = reserve(tickets, sizeof(unsigned int));
+    const int64_t end_at = reserve(end_sums, sizeof(acc_t));
+    const int64_t step_size_at = reserve(tensors, sizeof(acc_t));
+    const int64_t bias2_at = reserve(tensors, sizeof(acc_t));
     if (bytes == 0) {
       return;
     }
@@ -848,6 +1525,9 @@ struct Scratch {
     ws.split_norm = reinterpret_cast<acc_t*>(take(split, split_at));
     ws.slots = reinterpret_cast<acc_t*>(take(slots, slots_at));
     ws.ticket = reinterpret_cast<unsigned int*>(take(tickets, ticket_at));
+    ws.item_end_sq = reinterpret_cast<acc_t*>(take(end_sums, end_at));
+    ws.step_size = reinterpret_cast<acc_t*>(take(tensors, step_size_at));
+    ws.bias2_sqrt = reinterpret_cast<acc_t*>(take(tensors, bias2_at));
   }
 };
 
@@ -900,7 +1580,7 @@ std::tuple<at::Tensor, at::Tensor> run_norms(const TablePtr& table, at::ScalarTy
     scratch.ws.tensor_abs = abs_sums.data_ptr<acc_t>();
     scratch.ws.tensor_sq = sq_sums.data_ptr<acc_t>();
     const Params p{};
-    launch_items<Kind::kSums, false, false, false, scalar_t>(l, p, scratch.ws);
+    launch_items<PenaltyOp<Kind::kSums, false, false, false, scalar_t>>(l, p, scratch.ws);
     if (table->num_split_groups() > 0) {
       launch_finalize<acc_t>(l, p, scratch.ws, nullptr);
     }
@@ -926,9 +1606,9 @@ at::Tensor run_value(const TablePtr& table, at::ScalarType dtype, const Coefs& c
     const Scratch<acc_t> scratch(*table, needs);
     const Params p = make_params(coefs);
     if (groups) {
-      launch_items<Kind::kSums, false, false, true, scalar_t>(l, p, scratch.ws);
+      launch_items<PenaltyOp<Kind::kSums, false, false, true, scalar_t>>(l, p, scratch.ws);
     } else {
-      launch_items<Kind::kSums, false, false, false, scalar_t>(l, p, scratch.ws);
+      launch_items<PenaltyOp<Kind::kSums, false, false, false, scalar_t>>(l, p, scratch.ws);
     }
     launch_finalize<acc_t>(l, p, scratch.ws, out.data_ptr<acc_t>());
   });
@@ -958,22 +1638,22 @@ void run_gradient(const TablePtr& table, at::ScalarType dtype, const Coefs& coef
       // Only the coupled op wants P, so the backward's kernels never carry the sums.
       if constexpr (kAccumulate) {
         if (value != nullptr) {
-          launch_items<Kind::kGrad, kAccumulate, true, false, scalar_t>(l, p, scratch.ws);
+          launch_items<PenaltyOp<Kind::kGrad, kAccumulate, true, false, scalar_t>>(l, p, scratch.ws);
           launch_finalize<acc_t>(l, p, scratch.ws, value_ptr);
           return;
         }
       }
-      launch_items<Kind::kGrad, kAccumulate, false, false, scalar_t>(l, p, scratch.ws);
+      launch_items<PenaltyOp<Kind::kGrad, kAccumulate, false, false, scalar_t>>(l, p, scratch.ws);
       return;
     }
     needs.items = needs.group_scale = true;
     needs.norms = value != nullptr;
     const Scratch<acc_t> scratch(*table, needs);
-    launch_items<Kind::kSums, false, false, true, scalar_t>(l, p, scratch.ws);
+    launch_items<PenaltyOp<Kind::kSums, false, false, true, scalar_t>>(l, p, scratch.ws);
     if (value != nullptr || table->num_split_groups() > 0) {
       launch_finalize<acc_t>(l, p, scratch.ws, value_ptr);
     }
-    launch_items<Kind::kGrad, kAccumulate, false, true, scalar_t>(l, p, scratch.ws);
+    launch_items<PenaltyOp<Kind::kGrad, kAccumulate, false, true, scalar_t>>(l, p, scratch.ws);
   });
 }
 
@@ -987,7 +1667,7 @@ void run_decay(const TablePtr& table, at::ScalarType dtype, const Coefs& coefs, 
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, dtype, "fastreg_decay_cuda", [&] {
     using acc_t = acc_of<scalar_t>;
     if (coefs.group_lasso == 0.0) {
-      launch_items<Kind::kDecay, false, false, false, scalar_t>(l, p, Workspace<acc_t>{});
+      launch_items<PenaltyOp<Kind::kDecay, false, false, false, scalar_t>>(l, p, Workspace<acc_t>{});
       return;
     }
     // Block shrink uses the norm of the already thresholded group, so the sums pass applies
@@ -995,11 +1675,11 @@ void run_decay(const TablePtr& table, at::ScalarType dtype, const Coefs& coefs, 
     Needs needs;
     needs.items = needs.group_scale = true;
     const Scratch<acc_t> scratch(*table, needs);
-    launch_items<Kind::kSums, false, false, true, scalar_t>(l, p, scratch.ws);
+    launch_items<PenaltyOp<Kind::kSums, false, false, true, scalar_t>>(l, p, scratch.ws);
     if (table->num_split_groups() > 0) {
       launch_finalize<acc_t>(l, p, scratch.ws, nullptr);
     }
-    launch_items<Kind::kDecay, false, false, true, scalar_t>(l, p, scratch.ws);
+    launch_items<PenaltyOp<Kind::kDecay, false, false, true, scalar_t>>(l, p, scratch.ws);
   });
 }
 
@@ -1011,6 +1691,75 @@ void check_table(const TablePtr& table, int64_t lists, const char* op) {
 
 Coefs coefs_of(const TablePtr& table, double l1, double l2, double group_lasso) {
   return make_coefs(l1, l2, group_lasso, table->row_groups() ? std::optional<int64_t>(0) : std::nullopt);
+}
+
+// ---------------------------------------------------------------------------------------------
+// Fused optimizer steps
+
+template <typename Update>
+void launch_pass(const Launch& l, const StepParams& h, StepSums sums,
+                 const Workspace<acc_of<typename Update::scalar_type>>& ws) {
+  switch (sums) {
+    case StepSums::kNone:
+      launch_items<StepOp<Update, StepSums::kNone>>(l, h, ws);
+      return;
+    case StepSums::kPenalty:
+      launch_items<StepOp<Update, StepSums::kPenalty>>(l, h, ws);
+      return;
+    case StepSums::kShrink:
+      launch_items<StepOp<Update, StepSums::kShrink>>(l, h, ws);
+      return;
+  }
+}
+
+// A step's launches, on the current stream: with `steps` (Adam) the steps kernel; the step's
+// pass; the finalize, for the penalty and the shrink factors of split groups; the group shrink.
+// `state`: the optimizer's optional row (amsgrad's maximum, SGD's momentum buffer). Returns the
+// penalty of the starting weights when `track`, else an undefined tensor.
+template <template <typename, bool> class Update>
+at::Tensor run_step(const TablePtr& table, at::ScalarType dtype, bool state, bool steps, const StepParams& h,
+                    const Coefs& penalty, bool track) {
+  const bool items = table->num_items() > 0;
+  const bool sums = track && !penalty.is_zero() && items;
+  const bool shrink = h.prox.group_lasso != 0.0 && items;
+  const auto options = accumulate_options(dtype, table->device());
+  at::Tensor value = !track ? at::Tensor() : sums ? at::empty({}, options) : at::zeros({}, options);
+  if (!items && !(steps && table->num_tensors() > 0)) {
+    return value;
+  }
+  const Launch l(table);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, dtype, "fastreg_step_cuda", [&] {
+    using acc_t = acc_of<scalar_t>;
+    Needs needs;
+    needs.items = sums || shrink;
+    needs.norms = sums && shrink;  // the penalty's group lasso is the shrink's
+    needs.totals = sums;
+    needs.group_scale = needs.end_sums = shrink;
+    needs.steps = steps;
+    const Scratch<acc_t> scratch(*table, needs);
+    if (steps) {
+      launch_steps<acc_t>(l, h, scratch.ws);
+    }
+    if (!items) {
+      return;
+    }
+    const StepSums mode = shrink ? StepSums::kShrink : sums ? StepSums::kPenalty : StepSums::kNone;
+    if (state) {
+      launch_pass<Update<scalar_t, true>>(l, h, mode, scratch.ws);
+    } else {
+      launch_pass<Update<scalar_t, false>>(l, h, mode, scratch.ws);
+    }
+    if (sums || (shrink && table->num_split_groups() > 0)) {
+      // The finalize reads l2 only as the penalty's coefficient: the shrink's factors take none.
+      Params p = h.prox;
+      p.l2 = penalty.l2;
+      launch_finalize<acc_t>(l, p, scratch.ws, sums ? value.data_ptr<acc_t>() : nullptr);
+    }
+    if (shrink) {
+      launch_items<ShrinkOp<scalar_t>>(l, h, scratch.ws);
+    }
+  });
+  return value;
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -1180,13 +1929,15 @@ std::vector<at::Tensor> penalty_backward_cuda(at::TensorList params, const at::T
   return out;
 }
 
-// The lr of decay_: a float, or a one-element tensor (CUDA: read by the kernels).
-Params decay_params(const Coefs& coefs, double lr, const std::optional<at::Tensor>& lr_tensor, const at::Device& device) {
+// The lr of decay_ and the optimizer steps: a float, or a one-element tensor (CUDA: read by the
+// kernels).
+Params lr_params(const Coefs& coefs, double lr, const std::optional<at::Tensor>& lr_tensor, const at::Device& device,
+                 const char* op) {
   Params p = make_params(coefs);
   p.lr = lr;
   if (lr_tensor.has_value()) {
     p.lr_tensor = true;
-    scalar_argument(*lr_tensor, device, "decay_", "lr_tensor", p.lr, p.lr_ptr, p.lr_dtype);
+    scalar_argument(*lr_tensor, device, op, "lr_tensor", p.lr, p.lr_ptr, p.lr_dtype);
   }
   return p;
 }
@@ -1198,7 +1949,7 @@ void decay_cuda(at::TensorList params, double lr, const std::optional<at::Tensor
   if (params.empty()) {
     return;
   }
-  const Params p = decay_params(coefs, lr, lr_tensor, params[0].device());
+  const Params p = lr_params(coefs, lr, lr_tensor, params[0].device(), "decay_");
   if (coefs.is_zero()) {
     return;
   }
@@ -1345,7 +2096,130 @@ void table_decay(const TablePtr& table, at::ScalarType dtype, double lr, const s
                  double l1, double l2, double group_lasso) {
   check_table(table, 1, "decay_");
   const Coefs coefs = coefs_of(table, l1, l2, group_lasso);
-  run_decay(table, dtype, coefs, decay_params(coefs, lr, lr_tensor, table->device()));
+  run_decay(table, dtype, coefs, lr_params(coefs, lr, lr_tensor, table->device(), "decay_"));
+}
+
+namespace {
+
+void check_dtype(at::ScalarType dtype, const char* op) {
+  TORCH_CHECK(dtype == at::kFloat || dtype == at::kDouble || dtype == at::kHalf || dtype == at::kBFloat16,
+              "fastreg::", op, ": dtype must be float16, bfloat16, float32 or float64, got ", dtype);
+}
+
+void check_step_rows(const TablePtr& table, int64_t rows, const char* op, const char* setting, const char* names) {
+  TORCH_CHECK(table != nullptr, "fastreg::", op, ": no table");
+  TORCH_CHECK(table->num_lists() >= rows, "fastreg::", op, ": the table has ", table->num_lists(),
+              " pointer rows; ", setting, " needs ", rows, " (", names, ")");
+}
+
+// GradScaler's tensors: one float32 element on the table's device, read by the kernels.
+const float* scaler_argument(const std::optional<at::Tensor>& t, const at::Device& device, const char* op,
+                             const char* name) {
+  if (!t.has_value()) {
+    return nullptr;
+  }
+  TORCH_CHECK(t->numel() == 1 && t->scalar_type() == at::kFloat, "fastreg::", op, ": ", name,
+              " must be one float32 element, got ", t->scalar_type(), " of shape ", t->sizes());
+  TORCH_CHECK(t->device() == device, "fastreg::", op, ": ", name, " is on ", t->device(), " but the table is on ",
+              device);
+  return t->const_data_ptr<float>();
+}
+
+// What both steps check and take alike: the dtype, fastreg's terms, the lr and GradScaler's
+// tensors. Launches nothing.
+StepParams step_params(const TablePtr& table, at::ScalarType dtype, double lr, const std::optional<at::Tensor>& lr_tensor,
+                       bool maximize, const std::optional<at::Tensor>& grad_scale,
+                       const std::optional<at::Tensor>& found_inf, const Coefs& prox, double penalty_l2,
+                       const char* op) {
+  check_dtype(dtype, op);
+  TORCH_CHECK(penalty_l2 >= 0.0, "fastreg::", op, ": penalty_l2 must be non-negative, got ", penalty_l2);
+  StepParams h{};
+  h.prox = lr_params(prox, lr, lr_tensor, table->device(), op);
+  h.prox.decay = true;
+  h.maximize = maximize;
+  h.grad_scale = scaler_argument(grad_scale, table->device(), op, "grad_scale");
+  h.found_inf = scaler_argument(found_inf, table->device(), op, "found_inf");
+  return h;
+}
+
+}  // namespace
+
+at::Tensor table_adam_step(const TablePtr& table, at::ScalarType dtype, double lr,
+                           const std::optional<at::Tensor>& lr_tensor, double beta1, double beta2, double eps,
+                           double weight_decay, bool decoupled, bool amsgrad, bool maximize,
+                           const std::optional<at::Tensor>& grad_scale, const std::optional<at::Tensor>& found_inf,
+                           double l1, double l2, double group_lasso, double penalty_l2, bool track) {
+  constexpr const char* op = "adam_step_";
+  if (amsgrad) {
+    check_step_rows(table, kMaxExpAvgSq + 1, op, "amsgrad",
+                    "params, grads, exp_avg, exp_avg_sq, step, max_exp_avg_sq");
+  } else {
+    check_step_rows(table, kStep + 1, op, "Adam", "params, grads, exp_avg, exp_avg_sq, step");
+  }
+  const c10::cuda::CUDAGuard guard(table->device());
+  TORCH_CHECK(weight_decay >= 0.0 && eps >= 0.0 && beta1 >= 0.0 && beta1 < 1.0 && beta2 >= 0.0 && beta2 < 1.0,
+              "fastreg::", op, ": bad hyperparameters weight_decay=", weight_decay, " eps=", eps, " betas=(", beta1,
+              ", ", beta2, ")");
+  StepParams h = step_params(table, dtype, lr, lr_tensor, maximize, grad_scale, found_inf,
+                             coefs_of(table, l1, l2, group_lasso), penalty_l2, op);
+  h.beta1 = beta1;
+  h.beta2 = beta2;
+  h.eps = eps;
+  h.weight_decay = weight_decay;
+  h.decoupled = decoupled;
+  return run_step<AdamUpdate>(table, dtype, amsgrad, true, h, coefs_of(table, l1, penalty_l2, group_lasso), track);
+}
+
+at::Tensor table_sgd_step(const TablePtr& table, at::ScalarType dtype, double lr,
+                          const std::optional<at::Tensor>& lr_tensor, double momentum, double dampening,
+                          double weight_decay, bool nesterov, bool maximize, const std::optional<at::Tensor>& first,
+                          const std::optional<at::Tensor>& grad_scale, const std::optional<at::Tensor>& found_inf,
+                          double l1, double l2, double group_lasso, double penalty_l2, bool track) {
+  constexpr const char* op = "sgd_step_";
+  const bool use_momentum = momentum != 0.0;
+  if (use_momentum) {
+    check_step_rows(table, kMomentumBuffer + 1, op, "momentum", "params, grads, momentum_buffer");
+  } else {
+    check_step_rows(table, kSgdGrad + 1, op, "SGD", "params, grads");
+  }
+  const c10::cuda::CUDAGuard guard(table->device());
+  TORCH_CHECK(weight_decay >= 0.0 && momentum >= 0.0 && (!nesterov || (momentum > 0.0 && dampening == 0.0)),
+              "fastreg::", op, ": bad hyperparameters weight_decay=", weight_decay, " momentum=", momentum,
+              " dampening=", dampening, " nesterov=", nesterov);
+  StepParams h = step_params(table, dtype, lr, lr_tensor, maximize, grad_scale, found_inf,
+                             coefs_of(table, l1, l2, group_lasso), penalty_l2, op);
+  h.momentum = momentum;
+  h.dampening = dampening;
+  h.weight_decay = weight_decay;
+  h.nesterov = nesterov;
+  const int64_t count = table->num_tensors();
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream(table->device().index()).stream();
+  if (first.has_value()) {
+    TORCH_CHECK(first->scalar_type() == at::kBool && first->dim() == 1 && first->numel() == count, "fastreg::", op,
+                ": first must be a bool tensor of one flag per tensor (", count, "), got ", first->scalar_type(),
+                " of shape ", first->sizes());
+    TORCH_CHECK(first->is_cpu() || first->device() == table->device(), "fastreg::", op, ": first is on ",
+                first->device(), " but the table is on ", table->device());
+    // A captured copy would replay from host memory the graph does not own.
+    TORCH_CHECK(!first->is_cpu() || !capturing(stream), "fastreg::", op,
+                ": a CPU first cannot be captured in a CUDA graph; pass it on the table's device");
+  }
+  at::Tensor flags;
+  if (first.has_value() && use_momentum && table->num_items() > 0) {
+    if (first->is_cpu()) {
+      // Pinned staging from torch's caching host allocator, which keeps it from reuse until the
+      // copy is done: the copy does not wait.
+      at::Tensor staging = at::empty({count}, at::TensorOptions().dtype(at::kBool).pinned_memory(true));
+      staging.copy_(*first);
+      flags = at::empty({count}, at::TensorOptions().dtype(at::kBool).device(table->device()));
+      flags.copy_(staging, /*non_blocking=*/true);
+    } else {
+      flags = first->contiguous();
+    }
+    h.first = flags.const_data_ptr<bool>();
+  }
+  return run_step<SgdUpdate>(table, dtype, use_momentum, false, h, coefs_of(table, l1, penalty_l2, group_lasso),
+                             track);
 }
 
 CacheStats list_table_cache_stats() { return list_tables().stats(); }

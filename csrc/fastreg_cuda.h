@@ -83,6 +83,26 @@ at::Tensor table_add_grad(const TablePtr& table, at::ScalarType dtype, double l1
 void table_decay(const TablePtr& table, at::ScalarType dtype, double lr, const std::optional<at::Tensor>& lr_tensor,
                  double l1, double l2, double group_lasso);
 
+// The fused optimizer steps, the CUDA twins of cpu::planned_adam_step / planned_sgd_step (same
+// pointer rows, arguments and penalty / proximal terms), with torch's CUDA fused Adam / AdamW /
+// SGD as the update: each tensor's float32 step (Adam's row 4, on the device) advances before
+// the update reads it; `lr_tensor`, `grad_scale`, `found_inf` and a device `first` are read by
+// the kernels, never on the host, so a step can be captured in a CUDA graph. A nonzero found_inf
+// writes nothing: no weight, gradient or state, and the steps, advanced by one and then reduced
+// by found_inf as torch's fused path does, come back where they were for GradScaler's 1.0.
+// Returns the penalty of the starting weights (l1, penalty_l2, group_lasso) as a 0-dim tensor on
+// the device when `track`, else an undefined tensor.
+at::Tensor table_adam_step(const TablePtr& table, at::ScalarType dtype, double lr,
+                           const std::optional<at::Tensor>& lr_tensor, double beta1, double beta2, double eps,
+                           double weight_decay, bool decoupled, bool amsgrad, bool maximize,
+                           const std::optional<at::Tensor>& grad_scale, const std::optional<at::Tensor>& found_inf,
+                           double l1, double l2, double group_lasso, double penalty_l2, bool track);
+at::Tensor table_sgd_step(const TablePtr& table, at::ScalarType dtype, double lr,
+                          const std::optional<at::Tensor>& lr_tensor, double momentum, double dampening,
+                          double weight_decay, bool nesterov, bool maximize, const std::optional<at::Tensor>& first,
+                          const std::optional<at::Tensor>& grad_scale, const std::optional<at::Tensor>& found_inf,
+                          double l1, double l2, double group_lasso, double penalty_l2, bool track);
+
 // The list ops' cache of device tables (keyed by the tensors' addresses and extents).
 struct CacheStats {
   int64_t size;

@@ -17,7 +17,7 @@ table per (device, dtype) bucket: one pass over the weights, gradients and state
 starting weights. On CPU it is the ``cpp`` backend's C++ kernel (``csrc/fastreg_optim.cpp``),
 whose update is torch's fused CPU kernel's, operation for operation. On CUDA it is the
 ``triton`` backend's (:mod:`fastreg.kernels.triton_optim`), whose update is torch's fused CUDA
-kernel's, type for type; it reads ``lr``, the steps and GradScaler's tensors on the device,
+kernel's (torch >= 2.11), operation for operation; it reads ``lr``, the steps and GradScaler's tensors on the device,
 so ``capturable`` groups fuse too. Every other case (other devices, ``differentiable``
 groups, ``capturable`` ones on CPU, non-contiguous tensors, no C++ compiler, a ``backend``
 without fused steps such as ``"torch"``) runs torch's own step for those groups and fastreg's

@@ -55,7 +55,7 @@ class Regularized(torch.optim.Optimizer):
             kernel's on that device: on CPU operation for operation, so the step is the
             composition's, bit for bit (but for an ulp in the last elements of a tensor whose
             size is not a multiple of the vector width, which torch's kernel computes in
-            scalar code); on CUDA type for type, within an ulp. ``False`` always runs the
+            scalar code); on CUDA operation for operation, up to the rounding of ``pow``. ``False`` always runs the
             composition.
 
     With a closure (LBFGS), coupled mode adds the penalty's gradient after every

@@ -1,12 +1,13 @@
 """fastreg.AdamW / Adam / SGD stepped by the ``triton`` backend's fused kernels
-(fastreg/kernels/triton_optim.py): torch's fused CUDA update, type for type, with fastreg's
-decay and proximal maps in the same pass.
+(fastreg/kernels/triton_optim.py): torch's fused CUDA update (torch >= 2.11), operation for
+operation, with fastreg's decay and proximal maps in the same pass.
 
 On a machine with a GPU these run on CUDA tensors against torch's fused CUDA optimizers (one
-ulp per step); without one, on CPU tensors under Triton's interpreter against torch's default
-CPU path, which rounds its intermediates in the weights' dtype where the kernel keeps doubles
-(a few ulps per step), every case kept small. The composition (``Regularized`` over torch's
-optimizer, unfused) is the oracle of the regularized step."""
+ulp per step, for ``pow``'s rounding); without one, on CPU tensors under Triton's interpreter
+against an emulation of torch's CUDA arithmetic in torch ops (:func:`cuda_adam`,
+:func:`cuda_sgd`), every case kept small. The proximal terms' oracle is fastreg's fp64
+reference after that update (:class:`Oracle`).
+"""
 from __future__ import annotations
 
 import copy
@@ -38,7 +39,7 @@ def twin(params):
     return [p.detach().clone().requires_grad_() for p in params]
 
 
-# -- the oracle: torch's fused CUDA update, type for type, in torch ops ---------------------------
+# -- the oracle: torch's fused CUDA update, operation for operation, in torch ops --------------
 def _acc(dtype):
     return torch.float64 if dtype == torch.float64 else torch.float32
 
@@ -46,48 +47,66 @@ def _acc(dtype):
 def sqrt_rn(v):
     """A correctly rounded square root, as CUDA's: torch's on CPU is not (it differs on 20% of
     fp32 values and 1.4% of fp64 ones, torch 2.13), numpy's is."""
-    return torch.from_numpy(np.sqrt(v.cpu().numpy())).to(v.device)
+    return torch.from_numpy(np.asarray(np.sqrt(v.cpu().numpy()))).to(v.device)
+
+
+def fma(a, b, c):
+    """``a * b + c`` rounded once, in ``c``'s dtype (Triton's interpreter's exact fma: torch has
+    none on CPU, and fp64 arithmetic rounds twice)."""
+    from triton._C.libtriton import interpreter
+
+    c = torch.as_tensor(c)
+    x, y, z = (np.array(arr, ndmin=1) for arr in np.broadcast_arrays(
+        *(torch.as_tensor(t, dtype=c.dtype).cpu().numpy() for t in (a, b, c))))
+    exact = interpreter.fma_fp64 if c.dtype == torch.float64 else interpreter.fma_fp32
+    shape = np.broadcast_shapes(*(torch.as_tensor(t).shape for t in (a, b, c)))
+    return torch.from_numpy(np.asarray(exact(x, y, z)).reshape(shape)).to(c.device)
+
+
+def opmath(value, dtype):
+    """A hyperparameter rounded to the accumulate dtype of ``dtype``, as torch's kernels take it."""
+    return torch.as_tensor(value, dtype=_acc(dtype))
 
 
 def cuda_adam(p, d, s, lr, betas, eps, weight_decay, amsgrad, maximize, decoupled):
-    """torch's fused CUDA ``adam_math`` on one tensor: doubles where it has doubles, each value
-    rounded to the accumulate dtype where it assigns one."""
-    acc, f64 = _acc(p.dtype), torch.float64
-    beta1, beta2 = betas
+    """torch's fused CUDA ``adam_math`` (torch >= 2.11) on one tensor: in the accumulate dtype
+    throughout, with the fmas its build contracts."""
+    acc = _acc(p.dtype)
+    lr, beta1, beta2, eps, weight_decay = (opmath(v, p.dtype) for v in (lr, *betas, eps, weight_decay))
     s["step"] += 1
-    n = float(s["step"])
-    bias_correction1 = torch.tensor(1 - beta1 ** n, dtype=f64).to(acc).double()
-    # a tensor numerator: torch's float / tensor is a reciprocal times the float, rounded twice
-    step_size = (torch.tensor(lr, dtype=f64) / bias_correction1).to(acc)
-    bias_correction2_sqrt = torch.tensor(math.sqrt(1 - beta2 ** n), dtype=f64).to(acc)
+    n = s["step"]
+    # pow(beta, n) in the accumulate dtype, correctly rounded
+    bias_correction1 = 1 - torch.tensor(float(beta1) ** n, dtype=torch.float64).to(acc)
+    bias_correction2_sqrt = sqrt_rn(1 - torch.tensor(float(beta2) ** n, dtype=torch.float64).to(acc))
+    step_size = lr / bias_correction1
     x, d = p.detach().to(acc), -d.to(acc) if maximize else d.to(acc)
     if weight_decay:
         if decoupled:
-            x = (x.double() - lr * weight_decay * x.double()).to(acc)
+            x = fma(-(lr * weight_decay), x, x)
         else:
-            d = (d.double() + x.double() * weight_decay).to(acc)
-    m = (beta1 * s["exp_avg"].double() + (1 - beta1) * d.double()).to(acc)
-    v = (beta2 * s["exp_avg_sq"].double() + (1 - beta2) * d.double() * d.double()).to(acc)
+            d = fma(x, weight_decay, d)
+    m = fma(beta1, s["exp_avg"].to(acc), fma(-beta1, d, d))
+    v = fma(beta2, s["exp_avg_sq"].to(acc), fma(-beta2, d * d, d * d))
     s["exp_avg"], s["exp_avg_sq"] = m.to(p.dtype), v.to(p.dtype)
     if amsgrad:
         most = s["max_exp_avg_sq"].to(acc)
         v = torch.where(most < v, v, most)
         s["max_exp_avg_sq"] = v.to(p.dtype)
-    denom = ((sqrt_rn(v) / bias_correction2_sqrt).double() + eps).to(acc)
-    return x - step_size * m / denom
+    return x - step_size * m / (sqrt_rn(v) / bias_correction2_sqrt + eps)
 
 
 def cuda_sgd(p, d, s, lr, momentum, dampening, weight_decay, nesterov, maximize):
-    """torch's fused CUDA ``sgd_math`` on one tensor, as :func:`cuda_adam`."""
+    """torch's fused CUDA ``sgd_math`` (torch >= 2.11) on one tensor, as :func:`cuda_adam`."""
     acc = _acc(p.dtype)
+    lr, momentum, dampening, weight_decay = (opmath(v, p.dtype) for v in (lr, momentum, dampening, weight_decay))
     x, d = p.detach().to(acc), -d.to(acc) if maximize else d.to(acc)
     if weight_decay:
-        d = (d.double() + weight_decay * x.double()).to(acc)
+        d = fma(weight_decay, x, d)
     if momentum:
-        b = d.double() if "momentum_buffer" not in s else momentum * s["momentum_buffer"].double() + (1 - dampening) * d.double()
-        s["momentum_buffer"] = b.to(acc).to(p.dtype)
-        d = (d.double() + momentum * b).to(acc) if nesterov else b.to(acc)
-    return (x.double() - lr * d.double()).to(acc)
+        b = d if "momentum_buffer" not in s else momentum * s["momentum_buffer"].to(acc) + (1 - dampening) * d
+        s["momentum_buffer"] = b.to(p.dtype)
+        d = fma(momentum, b, d) if nesterov else b
+    return fma(-lr, d, x)
 
 
 class Oracle:
@@ -115,7 +134,7 @@ class Oracle:
                 x = cuda_sgd(p, p.grad, s, g["lr"], g["momentum"], g["dampening"], g["weight_decay"], g["nesterov"],
                              g["maximize"])
             else:
-                x = cuda_adam(p, p.grad, s, float(g["lr"]), g["betas"], g["eps"], g["weight_decay"], g["amsgrad"],
+                x = cuda_adam(p, p.grad, s, g["lr"], g["betas"], g["eps"], g["weight_decay"], g["amsgrad"],
                               g["maximize"], self.name == "AdamW")
             with torch.no_grad():
                 p.copy_(x)

@@ -56,6 +56,10 @@ class CudaBackend(ExtensionBackend):
         # The module's norms / value / add_grad_ / decay_ take a DeviceTable and the dtype.
         return _module() if torch.device(device).type == "cuda" else None
 
+    def step_ops(self, device: torch.device):
+        # The module binds the fused optimizer steps over a DeviceTable too.
+        return self.table_ops(device)
+
     def layout_limits(self, device: torch.device) -> Tuple[int, int]:
         module = _module()
         if module is None:

@@ -2,19 +2,19 @@
 proximal maps after it, over every tensor of a bucket.
 
 Math, per element ``w`` of group ``g`` with gradient ``d``, in this order. The update is
-torch's fused CUDA kernels', type for type: ``lr``, the betas, ``eps``, ``weight_decay``,
-``momentum`` and ``dampening`` take part in fp64 (doubles there), and each value is rounded to
-the accumulate dtype where torch's is::
+torch's fused CUDA kernels' (torch >= 2.11), operation for operation: every value and
+hyperparameter in the accumulate dtype (torch's opmath type), the multiply-adds that nvcc
+contracts in torch's build written as ``tl.fma``, IEEE division and square root::
 
     P   = l1*|w|_1 + penalty_l2/2*|w|^2 + gl*sum_g |w_g|     of the starting weights
     w   = w * (1 - lr*l2)                                     Regularized's decoupled decay
     d   = d / grad_scale (stored back);  -d with maximize     GradScaler's protocol
-    Adam:  d += w*wd (Adam)  or  w -= lr*wd*w (AdamW)
-           m = beta1*m + (1-beta1)*d        v = beta2*v + (1-beta2)*d*d
+    Adam:  d = fma(w, wd, d) (Adam)  or  w = fma(-(lr*wd), w, w) (AdamW)
+           m = fma(beta1, m, fma(-beta1, d, d))    v = fma(beta2, v, fma(-beta2, d*d, d*d))
            v' = max(vmax, v) with amsgrad (stored), else v
            w = w - (lr/bc1) * m / (sqrt(v')/sqrt(bc2) + eps)     bc_i = 1 - beta_i^step
-    SGD:   d += wd*w;   b = d (a new buffer) or momentum*b + (1-dampening)*d (stored)
-           d = d + momentum*b (nesterov) or b;   w = w - lr*d
+    SGD:   d = fma(wd, w, d);   b = d (a new buffer) or momentum*b + (1-dampening)*d (stored)
+           d = fma(momentum, b, d) (nesterov) or b;   w = fma(-lr, d, w)
     w   = sign(w) * max(|w| - lr*l1, 0)                       prox of L1
     w_g = w_g * max(0, 1 - lr*gl/|w_g|)                       prox of group lasso
 
@@ -80,7 +80,7 @@ ROW_MAX_EXP_AVG_SQ = tl.constexpr(5)
 
 STEP_BLOCKS = {torch.float16: 1024, torch.bfloat16: 1024, torch.float32: 512, torch.float64: 256}
 """Elements a program updates per step: one 128-bit access per thread and tensor (with the
-4 warps of every launch), since each element holds five streams and fp64 temporaries."""
+4 warps of every launch); each element holds up to five streams."""
 
 STEP_OPTIONS = {
     torch.float16: dict(LAUNCH_OPTIONS, maxnreg=192),
@@ -90,8 +90,8 @@ STEP_OPTIONS = {
 }
 """The step kernel's register budgets by dtype, the least that leaves nothing on the stack for
 any variant on sm_80 and sm_90 (Triton 3.9). Left to choose, ptxas gives some variants fewer
-registers and a stack frame of 8 to 24 bytes. The 16-bit dtypes need the most: 8 elements per
-thread and stream, each with fp64 temporaries (2 blocks of 128 threads per SM)."""
+registers and a stack frame of 8 to 32 bytes. The 16-bit dtypes need the most: 8 elements per
+thread and stream, five streams and three running sums (2 blocks of 128 threads per SM)."""
 
 STEPS_BLOCK = 1024
 """Tensors whose steps one program of :func:`steps_kernel` advances."""
@@ -104,15 +104,18 @@ STEPS_BLOCK = 1024
 
 @device_function
 def power(base, n):
-    """``base ** n`` in fp64 for a step count ``n`` (a whole number, as float32 counts it),
-    by squaring: within a few fp64 ulps of ``pow``, which Triton's interpreter lacks."""
+    """``base ** n`` for a step count ``n`` (a whole number, as float32 counts it), by
+    squaring in fp64, rounded once to ``base``'s dtype: within an ulp of CUDA's ``pow``
+    (Triton's interpreter has none)."""
+    ACC: tl.constexpr = base.dtype
+    base = base.to(tl.float64)
     k = n.to(tl.int64)
     result = base * 0 + 1
     while k > 0:
         result = tl.where(k % 2 == 1, result * base, result)
         base = base * base
         k = k // 2
-    return result
+    return result.to(ACC)
 
 
 @device_function
@@ -133,12 +136,11 @@ def load(ptrs, mask, ACC: tl.constexpr):
 
 
 @device_function
-def store(ptrs, x, mask, ACC: tl.constexpr, DTYPE: tl.constexpr):
-    """``x`` rounded to ``ACC``, as torch assigns a double to an opmath value, then stored."""
+def store(ptrs, x, mask, DTYPE: tl.constexpr):
     if mask is None:
-        tl.store(ptrs, x.to(ACC).to(DTYPE))
+        tl.store(ptrs, x.to(DTYPE))
     else:
-        tl.store(ptrs, x.to(ACC).to(DTYPE), mask=mask)
+        tl.store(ptrs, x.to(DTYPE), mask=mask)
 
 
 @device_function
@@ -146,25 +148,25 @@ def adam_math(x, d, m_ptrs, v_ptrs, vmax_ptrs, mask, hyper, tensor,
               ACC: tl.constexpr, DTYPE: tl.constexpr, HAS_WD: tl.constexpr, DECOUPLED: tl.constexpr,
               AMSGRAD: tl.constexpr):
     """torch's ``adam_math``: the weights after the update; writes the state."""
-    F: tl.constexpr = tl.float64
     beta1, beta2, eps, wd, lr_wd = hyper
     step_size, bias_correction2_sqrt = tensor
     if HAS_WD:
         if DECOUPLED:
-            x = (x.to(F) - lr_wd * x.to(F)).to(ACC)
+            x = tl.fma(-lr_wd, x, x)
         else:
-            d = (d.to(F) + x.to(F) * wd).to(ACC)
-    m = (beta1 * load(m_ptrs, mask, ACC).to(F) + (1 - beta1) * d.to(F)).to(ACC)
-    v = (beta2 * load(v_ptrs, mask, ACC).to(F) + (1 - beta2) * d.to(F) * d.to(F)).to(ACC)
-    store(m_ptrs, m, mask, ACC, DTYPE)
-    store(v_ptrs, v, mask, ACC, DTYPE)
+            d = tl.fma(x, wd, d)
+    m = tl.fma(beta1, load(m_ptrs, mask, ACC), tl.fma(-beta1, d, d))
+    d2 = d * d
+    v = tl.fma(beta2, load(v_ptrs, mask, ACC), tl.fma(-beta2, d2, d2))
+    store(m_ptrs, m, mask, DTYPE)
+    store(v_ptrs, v, mask, DTYPE)
     second = v
     if AMSGRAD:
         most = load(vmax_ptrs, mask, ACC)
         # std::max(most, v): the first unless it is less (a NaN v keeps the old maximum)
         second = tl.where(most < v, v, most)
-        store(vmax_ptrs, second, mask, ACC, DTYPE)
-    denom = (divide(sqrt_rn(second), bias_correction2_sqrt).to(F) + eps).to(ACC)
+        store(vmax_ptrs, second, mask, DTYPE)
+    denom = divide(sqrt_rn(second), bias_correction2_sqrt) + eps
     return x - divide(step_size * m, denom)
 
 
@@ -173,21 +175,20 @@ def sgd_math(x, d, b_ptrs, mask, hyper, first, lr,
              ACC: tl.constexpr, DTYPE: tl.constexpr, HAS_WD: tl.constexpr, MOMENTUM: tl.constexpr,
              NESTEROV: tl.constexpr, HAS_FIRST: tl.constexpr):
     """torch's ``sgd_math``: the weights after the update; writes the momentum buffer."""
-    F: tl.constexpr = tl.float64
     momentum, dampening, wd, _, _ = hyper
     if HAS_WD:
-        d = (d.to(F) + wd * x.to(F)).to(ACC)
+        d = tl.fma(wd, x, d)
     if MOMENTUM:
-        # a double, as torch's momentum_buffer (which nesterov uses unrounded)
-        b = momentum * load(b_ptrs, mask, ACC).to(F) + (1 - dampening) * d.to(F)
+        # two products and a sum, which torch's build leaves uncontracted
+        b = momentum * load(b_ptrs, mask, ACC) + (1 - dampening) * d
         if HAS_FIRST:
-            b = tl.where(first, d.to(F), b)
-        store(b_ptrs, b, mask, ACC, DTYPE)
+            b = tl.where(first, d, b)
+        store(b_ptrs, b, mask, DTYPE)
         if NESTEROV:
-            d = (d.to(F) + momentum * b).to(ACC)
+            d = tl.fma(momentum, b, d)
         else:
-            d = b.to(ACC)
-    return (x.to(F) - lr * d.to(F)).to(ACC)
+            d = b
+    return tl.fma(-lr, d, x)
 
 
 @device_function
@@ -210,7 +211,7 @@ def step_block(
     d = load(d_ptrs, mask, ACC)
     if UNSCALE:
         d = divide(d, grad_scale)
-        store(d_ptrs, d, mask, ACC, DTYPE)
+        store(d_ptrs, d, mask, DTYPE)
     if MAXIMIZE:
         d = -d
     if OPTIMIZER == ADAM:
@@ -218,7 +219,7 @@ def step_block(
     else:
         x = sgd_math(x, d, s_ptrs, mask, hyper, tensor, lr, ACC, DTYPE, HAS_WD, MOMENTUM, NESTEROV, HAS_FIRST)
     x = decayed(x, pre, threshold, False, HAS_L1)
-    store(w_ptrs, x, mask, ACC, DTYPE)
+    store(w_ptrs, x, mask, DTYPE)
     if HAS_GL:
         if mask is not None:
             x = tl.where(mask, x, 0.0)
@@ -260,10 +261,8 @@ def step_pass(
             if AMSGRAD:
                 vmax_addr = tl.load(ptrs + ROW_MAX_EXP_AVG_SQ * count + t) + start * ES
             beta1, beta2, _, _, _ = hyper
-            n = tl.load(tl.load(ptrs + ROW_STEP * count + t).to(tl.pointer_type(tl.float32))).to(tl.float64)
-            # torch's bias corrections: doubles, passed on as opmath values
-            bias_correction1 = (1 - power(beta1, n)).to(ACC)
-            tensor = ((lr / bias_correction1.to(tl.float64)).to(ACC), tl.sqrt(1 - power(beta2, n)).to(ACC))
+            n = tl.load(tl.load(ptrs + ROW_STEP * count + t).to(tl.pointer_type(tl.float32)))
+            tensor = (divide(lr, 1 - power(beta1, n)), sqrt_rn(1 - power(beta2, n)))
         else:
             if MOMENTUM:
                 s_addr = tl.load(ptrs + ROW_STATE * count + t) + start * ES
@@ -346,14 +345,11 @@ def step_kernel(
     else:
         proceed = True
     if proceed:
-        F: tl.constexpr = tl.float64
-        rate = scalar_arg(lr, lr_bits, F)
+        # torch rounds every hyperparameter to its opmath type (a tensor lr from its own dtype)
+        rate = scalar_arg(lr, lr_bits, ACC)
         pre, threshold = step_constants(lr, lr_bits, a_bits, b_bits, ACC, LR_TENSOR)
-        h0 = scalar(h0_bits, F)
-        h1 = scalar(h1_bits, F)
-        h2 = scalar(h2_bits, F)
-        h3 = scalar(h3_bits, F)
-        hyper = (h0, h1, h2, h3, rate * h3)
+        h3 = scalar(h3_bits, ACC)
+        hyper = (scalar(h0_bits, ACC), scalar(h1_bits, ACC), scalar(h2_bits, ACC), h3, rate * h3)
         if UNSCALE:
             scale = tl.load(grad_scale).to(ACC)
         else:
