@@ -5,13 +5,15 @@ operation, with fastreg's decay and proximal maps in the same pass.
 On a machine with a GPU these run on CUDA tensors against torch's fused CUDA optimizers (one
 ulp per step, for ``pow``'s rounding); without one, on CPU tensors under Triton's interpreter
 against an emulation of torch's CUDA arithmetic in torch ops (:func:`cuda_adam`,
-:func:`cuda_sgd`), every case kept small. The proximal terms' oracle is fastreg's fp64
+:func:`cuda_sgd`), every case kept small; its multiply-adds round as the interpreter's
+``tl.fma`` does (once from Triton 3.9, twice before: :func:`_kernels_fuse_fma`). The proximal terms' oracle is fastreg's fp64
 reference after that update (:class:`Oracle`).
 """
 from __future__ import annotations
 
 import copy
 import math
+from fractions import Fraction
 
 import numpy as np
 import pytest
@@ -50,17 +52,53 @@ def sqrt_rn(v):
     return torch.from_numpy(np.asarray(np.sqrt(v.cpu().numpy()))).to(v.device)
 
 
-def fma(a, b, c):
-    """``a * b + c`` rounded once, in ``c``'s dtype (Triton's interpreter's exact fma: torch has
-    none on CPU, and fp64 arithmetic rounds twice)."""
-    from triton._C.libtriton import interpreter
+def _kernels_fuse_fma() -> bool:
+    """Whether ``tl.fma`` rounds once where the kernels run: on a GPU, and under Triton's
+    interpreter from 3.9 on (older ones multiply and add, rounding twice)."""
+    if GPU:
+        return True
+    out = torch.zeros(1)
+    one = 1 + 2.0 ** -12
+    # (1 + 2^-12)^2 - (1 + 2^-11) is 2^-24 exactly; a rounded product leaves 0
+    _fma_probe[(1,)](torch.tensor([one]), torch.tensor([-(1 + 2.0 ** -11)]), out)
+    return out.item() != 0
 
+
+if kernels.triton_import_error() is None:
+    import triton
+    import triton.language as tl
+
+    @triton.jit
+    def _fma_probe(x, c, out):
+        tl.store(out, tl.fma(tl.load(x), tl.load(x), tl.load(c)))
+
+
+def fma(a, b, c):
+    """``a * b + c`` in ``c``'s dtype, rounded as the kernels' ``tl.fma`` rounds
+    (:func:`_kernels_fuse_fma`). Once: torch has no fma on CPU and fp64 arithmetic would
+    round twice, so fp32 goes through fp64 rounded to odd and fp64 through exact fractions."""
     c = torch.as_tensor(c)
-    x, y, z = (np.array(arr, ndmin=1) for arr in np.broadcast_arrays(
+    if not FUSED_FMA:
+        return torch.as_tensor(a, dtype=c.dtype) * torch.as_tensor(b, dtype=c.dtype) + c
+    shape = torch.broadcast_shapes(*(torch.as_tensor(t).shape for t in (a, b, c)))
+    x, y, z = (np.array(arr, dtype=np.float64, ndmin=1) for arr in np.broadcast_arrays(
         *(torch.as_tensor(t, dtype=c.dtype).cpu().numpy() for t in (a, b, c))))
-    exact = interpreter.fma_fp64 if c.dtype == torch.float64 else interpreter.fma_fp32
-    shape = np.broadcast_shapes(*(torch.as_tensor(t).shape for t in (a, b, c)))
-    return torch.from_numpy(np.asarray(exact(x, y, z)).reshape(shape)).to(c.device)
+    if c.dtype == torch.float64:
+        out = np.array([float(Fraction(p) * Fraction(q) + Fraction(r)) for p, q, r in zip(x.ravel(), y.ravel(), z.ravel())])
+    else:
+        product = x * y  # exact: two 24-bit significands
+        total = product + z
+        # the rounding error of the sum (Knuth's two-sum), then the sum rounded to odd: a
+        # 53-bit result rounded to odd rounds correctly to 24 bits
+        back = total - product
+        error = (product - (total - back)) + (z - back)
+        odd = (total.view(np.int64) & 1) == 1
+        total = np.where((error != 0) & ~odd, np.nextafter(total, np.where(error > 0, np.inf, -np.inf)), total)
+        out = total.astype(np.float32)
+    return torch.from_numpy(out.reshape(shape)).to(c.dtype).to(c.device)
+
+
+FUSED_FMA = kernels.triton_import_error() is None and _kernels_fuse_fma()
 
 
 def opmath(value, dtype):
