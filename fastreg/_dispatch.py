@@ -225,7 +225,7 @@ def split(tensors: Sequence[Tensor]) -> List[BucketIndices]:
     return [(device, dtype, indices) for (device, dtype), indices in buckets.items()]
 
 
-# torch.compile calls these two at trace time and takes their answers as constants: whether
+# torch.compile calls these three at trace time and takes their answers as constants: whether
 # a backend can run may mean building its extension (a lock, a compiler run), which has no
 # business in a graph, and the answer does not change while a process lives.
 @torch._dynamo.assume_constant_result
@@ -236,6 +236,12 @@ def _auto_name(device: torch.device, dtype: torch.dtype) -> str:
 @torch._dynamo.assume_constant_result
 def _unavailable_reason(name: str, device: torch.device, dtype: torch.dtype) -> Optional[str]:
     return get_backend(name).unavailable_reason(device, dtype)
+
+
+@torch._dynamo.assume_constant_result
+def _has_step_ops(name: str, device: torch.device) -> bool:
+    """Whether the backend has fused optimizer steps on ``device`` (importing its kernels)."""
+    return get_backend(name).step_ops(device) is not None
 
 
 def requested_backend(name: Optional[str]) -> Tuple[str, str]:

@@ -357,9 +357,11 @@ class _Fused:
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        if torch.compiler.is_compiling() and self._compiles():
-            self._compiled_step()
-            return loss
+        if torch.compiler.is_compiling():
+            backends = self._compiled_backends()
+            if backends is not None:
+                self._compiled_step(backends)
+                return loss
         kernels = _kernels()
         checked = [w for index, group in enumerate(self.param_groups) if (w := self._check(index, group, kernels)) is not None]
         works = [self._prepare(work, kernels) for work in checked]
@@ -396,40 +398,56 @@ class _Fused:
     _compiled_run: Optional[Callable] = None
     """The group's step as one custom op (``torch.ops.fastreg``), where the optimizer has one."""
 
-    def _compiles(self) -> bool:
-        """Whether a traced step can be the fused op for every group: CPU tensors the kernel
-        takes, and the CPU extension (asked once, as a constant of the trace). Else the step
-        runs as in eager mode, which breaks the graph at its plan cache."""
+    def _compiled_backends(self) -> Optional[List[Optional[str]]]:
+        """Whether a traced step can be the fused op for every group, and with whose kernels:
+        the backend of each group (None for one without gradients), as ``_fusable`` chooses it
+        for tensors the kernel takes; None when some group cannot. The answers are constants of
+        the trace. Else the step runs as in eager mode, which breaks the graph at its plan cache."""
         if self._compiled_run is None or _dispatch._unavailable_reason("cpp", torch.device("cpu"), torch.float32) is not None:
-            return False
-        # Not _fusable: Dynamo sets every group's "capturable" while it traces an optimizer.
-        return self._compiled_state_ready() and all(
-            not group.get("differentiable") and _kernel_tensors([p for p in group["params"] if p.grad is not None])
-            for group in self.param_groups)
+            return None  # the CPU extension lays out every backend's tables
+        if not self._compiled_state_ready():
+            return None
+        names = []
+        for group in self.param_groups:
+            params = [p for p in group["params"] if p.grad is not None]
+            if not params:
+                names.append(None)
+                continue
+            device = params[0].device
+            # Not _fusable: Dynamo sets every group's "capturable" while it traces an optimizer.
+            if group.get("differentiable") or not _kernel_tensors(params, device):
+                return None
+            name = None
+            for dtype in {p.dtype for p in params}:
+                name = _dispatch.backend_for(self.backend, device, dtype).name
+            if not _dispatch._has_step_ops(name, device):
+                return None
+            names.append(name)
+        return names
 
     def _compiled_state_ready(self) -> bool:
         return True
 
-    def _compiled_step(self) -> None:
+    def _compiled_step(self, backends: List[Optional[str]]) -> None:
         """The step as torch.compile traces it: every group checked, then each group's state
         made (as torch's optimizers make theirs under compile) and its update run as one custom
-        op, which lays out its table when it runs. The plan cache is host work on tensor
-        addresses, which a graph cannot hold."""
+        op of ``backends``' kernels, which lays out its table when it runs. The plan cache is
+        host work on tensor addresses, which a graph cannot hold."""
         groups = []
-        for index, group in enumerate(self.param_groups):
+        for index, (group, backend) in enumerate(zip(self.param_groups, backends)):
             self._check_group(group, index)
             params = [p for p in group["params"] if p.grad is not None]
             if params:
-                groups.append((group, params))
+                groups.append((group, params, backend))
         grad_scale = getattr(self, "grad_scale", None)
         found_inf = getattr(self, "found_inf", None)
         values = []
-        for group, params in groups:
+        for group, params, backend in groups:
             self._init_state(group, params)
             coefs = self._coefficients(group)
             track = self.track_penalty and not coefs.is_zero()
             value = self._compiled_run(group, params, self._state_lists(group, params), coefs, track, grad_scale,
-                                       found_inf)
+                                       found_inf, backend)
             if track:
                 values.append(value)
         self._record_penalty(values)
@@ -505,47 +523,51 @@ def _layout(kernels, backend: Backend, device: torch.device, extents: Tensor, ro
     return backend.table_to_device(table, device)
 
 
-def _over_buckets(op: str, rows: Dict[str, List[Tensor]], row_groups: bool, run: Callable) -> Tensor:
+def _over_buckets(op: str, rows: Dict[str, List[Tensor]], row_groups: bool, backend: str, run: Callable) -> Tensor:
     """The body of a fused step op: ``rows`` (params, grads, then the state, each one tensor per
     param: a float32 scalar for ``steps``) checked, laid out per dtype bucket as the eager step's
-    tables, and ``run(kernels, table, dtype, positions)`` on each; the total of the values it
-    returns."""
+    tables for ``backend``'s kernels, and ``run(ops, table, dtype, positions)`` on each, with
+    ``ops`` the backend's step ops; the total of the values it returns."""
     kernels = _kernels()
     torch._check(kernels is not None, lambda: f"fastreg::{op} needs the CPU extension: {_build.cpu_unavailable_reason()}")
     params = rows["params"]
+    device = params[0].device if params else torch.device("cpu")
+    ops = get_backend(backend).step_ops(device)
+    torch._check(ops is not None, lambda: f"fastreg::{op}: backend {backend!r} has no fused steps on {device}")
     for name, row in rows.items():
         torch._check(len(row) == len(params), lambda: f"fastreg::{op}: {len(row)} {name} for {len(params)} params")
         for i, (p, t) in enumerate(zip(params, row)):
             if name == "steps":
-                torch._check(t.dtype == torch.float32 and t.numel() == 1,
-                             lambda: f"fastreg::{op}: steps[{i}] must be a float32 scalar, got {t.dtype} {tuple(t.shape)}")
+                torch._check(t.dtype == torch.float32 and t.numel() == 1 and t.device == p.device,
+                             lambda: f"fastreg::{op}: steps[{i}] must be a float32 scalar on {p.device}, got {t.dtype} "
+                             f"{tuple(t.shape)} on {t.device}")
             else:
                 torch._check(t.shape == p.shape and t.dtype == p.dtype and t.device == p.device and t.is_contiguous(),
                              lambda: f"fastreg::{op}: {name}[{i}] is {t.dtype} {tuple(t.shape)} on {t.device}, not a "
                              f"contiguous tensor like params[{i}] ({p.dtype} {tuple(p.shape)} on {p.device})")
     values = []
     for _, dtype, positions in _dispatch.split(params):
-        table = _layout(kernels, get_backend("cpp"), torch.device("cpu"), _plan.extents([params[i] for i in positions]),
+        table = _layout(kernels, get_backend(backend), device, _plan.extents([params[i] for i in positions]),
                         row_groups, list(rows.values()), positions)
-        value = run(kernels, table, dtype, positions)
+        value = run(ops, table, dtype, positions)
         if value is not None:
             values.append(value)
-    return _dispatch.total(values, _dispatch.result_dtype(params), torch.device("cpu"))
+    return _dispatch.total(values, _dispatch.result_dtype(params), device)
 
 
 def _penalty_like(params: List[Tensor]) -> Tensor:
     return torch.empty((), dtype=_dispatch.result_dtype(params), device=params[0].device if params else "cpu")
 
 
-@torch.library.custom_op("fastreg::adam_step_", device_types="cpu",
+@torch.library.custom_op("fastreg::adam_step_", device_types=("cpu", "cuda"),
                          mutates_args=("params", "grads", "exp_avgs", "exp_avg_sqs", "steps", "max_exp_avg_sqs"))
 def _adam_step_op(params: List[Tensor], grads: List[Tensor], exp_avgs: List[Tensor], exp_avg_sqs: List[Tensor],
                   steps: List[Tensor], max_exp_avg_sqs: List[Tensor], lr: float, lr_tensor: Optional[Tensor],
                   beta1: float, beta2: float, eps: float, weight_decay: float, decoupled: bool, amsgrad: bool,
                   maximize: bool, grad_scale: Optional[Tensor], found_inf: Optional[Tensor], l1: float, l2: float,
-                  group_lasso: float, penalty_l2: float, row_groups: bool, track: bool) -> Tensor:
+                  group_lasso: float, penalty_l2: float, row_groups: bool, track: bool, backend: str) -> Tensor:
     """One fused Adam/AdamW step of a param group over tensor lists (the kernel of the eager
-    step), for torch.compile; returns the penalty of the starting weights (0 without
+    step, ``backend``'s), for torch.compile; returns the penalty of the starting weights (0 without
     ``track``). The states are torch's fused ones (``steps``: float32 scalars); grads are
     written only when unscaled by ``grad_scale``, as torch's fused step does. ``l2`` decays the
     weights before the update, ``l1`` and ``group_lasso`` are the proximal maps after it (by
@@ -553,7 +575,7 @@ def _adam_step_op(params: List[Tensor], grads: List[Tensor], exp_avgs: List[Tens
     rows = dict(params=params, grads=grads, exp_avgs=exp_avgs, exp_avg_sqs=exp_avg_sqs, steps=steps)
     if amsgrad:
         rows["max_exp_avg_sqs"] = max_exp_avg_sqs
-    return _over_buckets("adam_step_", rows, row_groups, lambda kernels, table, dtype, positions: kernels.adam_step_(
+    return _over_buckets("adam_step_", rows, row_groups, backend, lambda ops, table, dtype, positions: ops.adam_step_(
         table, dtype, lr, lr_tensor, beta1, beta2, eps, weight_decay, decoupled, amsgrad, maximize, grad_scale,
         found_inf, l1, l2, group_lasso, penalty_l2, track))
 
@@ -563,11 +585,12 @@ def _(params, *args, **kwargs):
     return _penalty_like(params)
 
 
-@torch.library.custom_op("fastreg::sgd_step_", device_types="cpu", mutates_args=("params", "grads", "momentum_buffers"))
+@torch.library.custom_op("fastreg::sgd_step_", device_types=("cpu", "cuda"), mutates_args=("params", "grads", "momentum_buffers"))
 def _sgd_step_op(params: List[Tensor], grads: List[Tensor], momentum_buffers: List[Tensor], first: Optional[Tensor],
                  lr: float, lr_tensor: Optional[Tensor], momentum: float, dampening: float, weight_decay: float,
                  nesterov: bool, maximize: bool, grad_scale: Optional[Tensor], found_inf: Optional[Tensor], l1: float,
-                 l2: float, group_lasso: float, penalty_l2: float, row_groups: bool, track: bool) -> Tensor:
+                 l2: float, group_lasso: float, penalty_l2: float, row_groups: bool, track: bool,
+                 backend: str) -> Tensor:
     """One fused SGD step of a param group over tensor lists, for torch.compile, as
     ``adam_step_``; ``momentum_buffers`` is empty without momentum, and ``first`` flags the
     buffers that are new (they start as the gradient)."""
@@ -575,12 +598,12 @@ def _sgd_step_op(params: List[Tensor], grads: List[Tensor], momentum_buffers: Li
     if momentum != 0.0:
         rows["momentum_buffers"] = momentum_buffers
 
-    def run(kernels, table, dtype, positions):
+    def run(ops, table, dtype, positions):
         flags = None if first is None else first[positions]
-        return kernels.sgd_step_(table, dtype, lr, lr_tensor, momentum, dampening, weight_decay, nesterov, maximize,
+        return ops.sgd_step_(table, dtype, lr, lr_tensor, momentum, dampening, weight_decay, nesterov, maximize,
                                  flags, grad_scale, found_inf, l1, l2, group_lasso, penalty_l2, track)
 
-    return _over_buckets("sgd_step_", rows, row_groups, run)
+    return _over_buckets("sgd_step_", rows, row_groups, backend, run)
 
 
 @_sgd_step_op.register_fake
@@ -636,6 +659,17 @@ class _AdamFused(_Fused):
     def _check_state(self, work: _Work, name: str) -> None:
         super()._check_state(dataclasses.replace(work, lists=work.lists[:2] + work.lists[3:]), name)
 
+    def _compiled_state_ready(self) -> bool:
+        # Steps of another form (see _normalize_state) are brought to the kernel's by an eager
+        # step, which reads them on the host.
+        for group in self.param_groups:
+            for p in group["params"]:
+                step = self.state.get(p, {}).get("step")
+                if step is not None and not (isinstance(step, Tensor) and step.dtype == torch.float32
+                                             and step.device == p.device and step.dim() == 0):
+                    return False
+        return True
+
     def _arguments(self, group: Dict[str, Any], coefs: Coefficients) -> Dict[str, Any]:
         """The kernel's settings of a group, as ``adam_step_`` (the planner's and the op) takes them."""
         beta1, beta2 = group["betas"]
@@ -650,11 +684,11 @@ class _AdamFused(_Fused):
         return ops.adam_step_(table, bucket.dtype, grad_scale=grad_scale, found_inf=found_inf, track=track,
                               **self._arguments(work.group, coefs))
 
-    def _compiled_run(self, group, params, lists, coefs, track, grad_scale, found_inf) -> Tensor:
+    def _compiled_run(self, group, params, lists, coefs, track, grad_scale, found_inf, backend) -> Tensor:
         return torch.ops.fastreg.adam_step_(params, [p.grad for p in params], lists[0], lists[1], lists[2],
                                             lists[3] if group["amsgrad"] else [], grad_scale=grad_scale,
                                             found_inf=found_inf, row_groups=coefs.row_groups, track=track,
-                                            **self._arguments(group, coefs))
+                                            backend=backend, **self._arguments(group, coefs))
 
 
 class AdamW(_AdamFused, torch.optim.AdamW):
@@ -781,17 +815,18 @@ class SGD(_Fused, torch.optim.SGD):
                                                  for p in group["params"])
                    for group in self.param_groups)
 
-    def _compiled_run(self, group, params, lists, coefs, track, grad_scale, found_inf) -> Tensor:
+    def _compiled_run(self, group, params, lists, coefs, track, grad_scale, found_inf, backend) -> Tensor:
         buffers, first = [], None
         if lists:
             fresh = [b is None for b in lists[0]]
-            buffers = [torch.empty_like(p, memory_format=torch.preserve_format) if b is None else b
+            # Zeros, as in _before_fused.
+            buffers = [torch.zeros_like(p, memory_format=torch.preserve_format) if b is None else b
                        for p, b in zip(params, lists[0])]
             if any(fresh):
                 first = torch.tensor(fresh, dtype=torch.bool)
         value = torch.ops.fastreg.sgd_step_(params, [p.grad for p in params], buffers, first, grad_scale=grad_scale,
                                             found_inf=found_inf, row_groups=coefs.row_groups, track=track,
-                                            **self._arguments(group, coefs))
+                                            backend=backend, **self._arguments(group, coefs))
         for p, b in zip(params, buffers):
             self.state[p]["momentum_buffer"] = b
         return value

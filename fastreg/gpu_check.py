@@ -78,6 +78,7 @@ GPU_TESTS: List[Tuple[str, List[str]]] = [
     ("triton-optim", ["tests/test_triton_optim.py"]),
     ("triton-compile", ["tests/test_triton_compile.py"]),
     ("compile-cuda-graphs", ["tests/test_compile.py::test_reduce_overhead_cuda_graphs", "-m", "slow"]),
+    ("compile-fused-steps", ["tests/test_triton_optim.py::test_compiled_step_fullgraph_is_the_eager_step", "-m", "slow"]),
 ]
 DRY_RUN_TESTS: List[Tuple[str, List[str]]] = [("conformance", ["tests/test_conformance.py", "-k", "test_norms"])]
 

@@ -591,7 +591,7 @@ def _op_inputs(name):
     params = [p.detach() for p in make_params(shapes=[(5, 3), (7,)])]
     grads = [torch.randn_like(p) for p in params]
     common = dict(grad_scale=None, found_inf=None, l1=0.01, l2=0.1, group_lasso=0.02, penalty_l2=0.1,
-                  row_groups=True, track=True)
+                  row_groups=True, track=True, backend="cpp")
     if name == "adam_step_":
         state = [[torch.rand_like(p) for p in params] for _ in range(3)]
         steps = [torch.tensor(3.0) for _ in params]

@@ -387,3 +387,49 @@ def test_a_backend_that_cannot_run_is_refused_before_anything_is_written():
         optimizer.step()
     assert all(torch.equal(a.detach(), b) for a, b in zip(params, before))
     assert not optimizer.state
+
+
+COMPILED = [("AdamW", dict(lr=2.0 ** -7, amsgrad=True, l1=1e-2, group_lasso=0.5, group_dim=0)),
+            ("SGD", dict(momentum=0.9, dampening=0.1, weight_decay=0.1, l1=1e-2))]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("backend", ["triton", pytest.param("cuda", marks=pytest.mark.skipif(
+    not GPU, reason="the cuda backend's kernels need a CUDA GPU"))])
+@pytest.mark.parametrize("name, options", COMPILED, ids=[name for name, _ in COMPILED])
+def test_compiled_step_fullgraph_is_the_eager_step(name, options, backend):
+    """``torch.compile(step, fullgraph=True)`` of an optimizer on a CUDA backend: each group's
+    step is the ``fastreg::`` op running that backend's kernel (the triton one on CPU tensors
+    under the interpreter without a GPU), so the weights, state and penalty are the eager
+    step's, bit for bit; a tensor lr, state made on the first compiled step (SGD's new
+    buffers), no recompile after it."""
+    import torch._dynamo
+
+    torch._dynamo.reset()
+    compiled_params = leaves()
+    eager_params = twin(compiled_params)
+    options = dict(options)
+    lr = options.pop("lr", 1e-2)
+    compiled = build(name, compiled_params, backend=backend, lr=torch.tensor(lr, device=DEVICE), **options)
+    eager = build(name, eager_params, backend=backend, lr=torch.tensor(lr, device=DEVICE), **options)
+    step = torch.compile(compiled.step, fullgraph=True)
+    ran = []
+    real = triton_optim._step
+    try:
+        triton_optim._step = lambda *args, **kwargs: ran.append(1) or real(*args, **kwargs)
+        for i in range(3):
+            set_grads(i, compiled_params, eager_params)
+            with torch._dynamo.config.patch(error_on_recompile=i > 1):
+                step()
+            eager.step()
+            assert all(torch.equal(a, b) for a, b in zip(compiled_params, eager_params)), i
+            assert torch.equal(compiled.last_penalty, eager.last_penalty), i
+    finally:
+        triton_optim._step = real
+        torch._dynamo.reset()
+    # three compiled steps and three eager ones, one launch sequence each
+    assert len(ran) == (6 if backend == "triton" else 0)
+    for p, q in zip(compiled_params, eager_params):
+        assert compiled.state[p].keys() == eager.state[q].keys()
+        for key, value in eager.state[q].items():
+            assert torch.equal(compiled.state[p][key], value), key
