@@ -344,18 +344,22 @@ class AdamWStep(Task):
 
     def fastreg_cases(self, workload, setting, backend):
         params = workload.params
-        def regularized(fuse: bool) -> Regularized:
+        def regularized(fuse: bool, track: bool) -> Regularized:
             return Regularized(self._adamw(params, setting, True), l1=setting.l1, mode="decoupled", backend=backend,
-                               track_penalty=False, fuse=fuse)
+                               track_penalty=track, fuse=fuse)
 
         # With a fused step (cpp on CPU, triton on CUDA), Regularized runs its kernel itself;
         # fuse=False shows the composition.
-        cases = [Case(f"fastreg[{backend}] Regularized(AdamW(fused))", self._stepper(regularized(True)))]
+        cases = [Case(f"fastreg[{backend}] Regularized(AdamW(fused))", self._stepper(regularized(True, False)))]
         if BACKENDS[backend].step_ops(params[0].device) is not None:
-            fused = FusedAdamW(params, lr=setting.lr, weight_decay=setting.l2, l1=setting.l1, track_penalty=False,
-                               backend=backend)
-            cases += [Case(f"fastreg[{backend}] Regularized(AdamW(fused), fuse=False)", self._stepper(regularized(False))),
-                      Case(f"fastreg[{backend}] AdamW(l1) fused", self._stepper(fused))]
+            # Untracked, then with the penalty of each step's weights (both classes' default):
+            # the fused step sums it in its one pass, the composition reads the weights again.
+            for track, suffix in ((False, ""), (True, ", last_penalty")):
+                fused = FusedAdamW(params, lr=setting.lr, weight_decay=setting.l2, l1=setting.l1, track_penalty=track,
+                                   backend=backend)
+                cases += [Case(f"fastreg[{backend}] Regularized(AdamW(fused), fuse=False){suffix}",
+                               self._stepper(regularized(False, track))),
+                          Case(f"fastreg[{backend}] AdamW(l1) fused{suffix}", self._stepper(fused))]
         return cases
 
     def snapshot(self, workload):
