@@ -415,7 +415,8 @@ class _Fused:
                 continue
             device = params[0].device
             # Not _fusable: Dynamo sets every group's "capturable" while it traces an optimizer.
-            if group.get("differentiable") or not _kernel_tensors(params, device):
+            # Sharded params (FSDP2's DTensors) take the eager step, as their plan's key does.
+            if group.get("differentiable") or distributed.any_dtensor(params) or not _kernel_tensors(params, device):
                 return None
             name = None
             for dtype in {p.dtype for p in params}:

@@ -636,3 +636,30 @@ def test_sgd_momentum_over_two_dtypes_in_one_group(path):
         theirs.step()
         for p, q in zip(params, twins):
             torch.testing.assert_close(p, q, rtol=2 * torch.finfo(p.dtype).eps, atol=2 * torch.finfo(p.dtype).eps)
+
+
+def test_a_compiled_step_leaves_sharded_params_to_the_eager_step():
+    """Under torch.compile, a group of DTensors (FSDP2's sharded params) does not become the
+    fused op, which has no sharding rule: the trace takes the eager step, which steps them
+    unfused with global group norms. Plain tensors in the same setting do become the op."""
+    dist = pytest.importorskip("torch.distributed")
+    if not dist.is_available() or _build.cpu_unavailable_reason() is not None:
+        pytest.skip("needs torch.distributed and the CPU extension")
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import Shard, distribute_tensor
+
+    started = not dist.is_initialized()
+    if started:
+        dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    try:
+        mesh = init_device_mesh("cpu", (1,))
+        plain = [torch.nn.Parameter(torch.randn(4, 3)) for _ in range(2)]
+        sharded = [torch.nn.Parameter(distribute_tensor(p.detach().clone(), mesh, [Shard(0)])) for p in plain]
+        for p, q in zip(plain, sharded):
+            p.grad = torch.randn_like(p)
+            q.grad = distribute_tensor(p.grad.clone(), mesh, [Shard(0)])
+        assert fastreg.AdamW(plain, l1=0.01)._compiled_backends() == ["cpp"]
+        assert fastreg.AdamW(sharded, l1=0.01)._compiled_backends() is None
+    finally:
+        if started:
+            dist.destroy_process_group()
