@@ -624,6 +624,17 @@ def test_step_ops_refuse_state_unlike_the_params(name):
     assert_equal_lists(args[0], before)
 
 
+@pytest.mark.parametrize("name", ["adam_step_", "sgd_step_"])
+def test_step_ops_refuse_a_backend_without_fused_steps(name):
+    if _build.cpu_unavailable_reason() is not None:
+        pytest.skip(f"the CPU extension is not built: {_build.cpu_unavailable_reason()}")
+    args, kwargs = _op_inputs(name)
+    before = [p.clone() for p in args[0]]
+    with pytest.raises(RuntimeError, match=rf"fastreg::{name}: backend 'torch' has no fused steps on cpu"):
+        getattr(torch.ops.fastreg, name)(*args, **dict(kwargs, backend="torch"))
+    assert_equal_lists(args[0], before)
+
+
 def test_sgd_momentum_over_two_dtypes_in_one_group(path):
     """A group of fp32 and fp64 params is two buckets: each gets its own new-buffer flags."""
     params = make_params()[:2] + make_params(torch.float64, seed=3)[:2]
