@@ -227,14 +227,20 @@ class _Fused:
         if kernels is None and _dispatch.requested_backend(self.backend)[0] == "auto":
             return None
         device = params[0].device
-        backend = None
-        for dtype in {p.dtype for p in params}:
-            backend = _dispatch.backend_for(self.backend, device, dtype)
-        if kernels is None or group.get("differentiable") or backend.step_ops(device) is None:
+        backend = self._step_backend(params, device)
+        if kernels is None or group.get("differentiable") or backend is None:
             return None
         if device.type == "cpu" and group.get("capturable"):
             return None  # torch's step says what capturable means on CPU
         return backend if _kernel_tensors(params, device) else None
+
+    def _step_backend(self, params: List[Tensor], device: torch.device) -> Optional[Backend]:
+        """The backend fastreg's ops take for ``params`` on ``device`` (one asked for by name
+        that cannot run there is an error), where it has fused steps; else None."""
+        backend = None
+        for dtype in {p.dtype for p in params}:
+            backend = _dispatch.backend_for(self.backend, device, dtype)
+        return backend if _dispatch._has_step_ops(backend.name, device) else None
 
     def _check_grads(self, group: Dict[str, Any], index: int) -> None:
         name = f"param_groups[{index}]['params']"
@@ -400,8 +406,8 @@ class _Fused:
 
     def _compiled_backends(self) -> Optional[List[Optional[str]]]:
         """Whether a traced step can be the fused op for every group, and with whose kernels:
-        the backend of each group (None for one without gradients), as ``_fusable`` chooses it
-        for tensors the kernel takes; None when some group cannot. The answers are constants of
+        the backend of each group (None for one without gradients), chosen as ``_fusable``
+        does for tensors the kernel takes; None when some group cannot. The answers are constants of
         the trace. Else the step runs as in eager mode, which breaks the graph at its plan cache."""
         if self._compiled_run is None or _dispatch._unavailable_reason("cpp", torch.device("cpu"), torch.float32) is not None:
             return None  # the CPU extension lays out every backend's tables
@@ -418,12 +424,10 @@ class _Fused:
             # Sharded params (FSDP2's DTensors) take the eager step, as their plan's key does.
             if group.get("differentiable") or distributed.any_dtensor(params) or not _kernel_tensors(params, device):
                 return None
-            name = None
-            for dtype in {p.dtype for p in params}:
-                name = _dispatch.backend_for(self.backend, device, dtype).name
-            if not _dispatch._has_step_ops(name, device):
+            backend = self._step_backend(params, device)
+            if backend is None:
                 return None
-            names.append(name)
+            names.append(backend.name)
         return names
 
     def _compiled_state_ready(self) -> bool:
@@ -612,6 +616,12 @@ def _(params, *args, **kwargs):
     return _penalty_like(params)
 
 
+def _kernel_step(step, param: Tensor) -> bool:
+    """Whether an Adam step count is in the fused kernels' form: a float32 scalar tensor on
+    the param's device."""
+    return isinstance(step, Tensor) and step.dtype == torch.float32 and step.device == param.device and step.dim() == 0
+
+
 def _lr_args(lr) -> Tuple[float, Optional[Tensor]]:
     return (0.0, lr.reshape(())) if isinstance(lr, Tensor) else (float(lr), None)
 
@@ -647,7 +657,7 @@ class _AdamFused(_Fused):
     def _normalize_state(self, work: _Work) -> bool:
         changed = False
         for p, step in zip(work.params, work.lists[2]):
-            if not (isinstance(step, Tensor) and step.dtype == torch.float32 and step.device == p.device and step.dim() == 0):
+            if not _kernel_step(step, p):
                 # A step of torch's unfused optimizers (float64 where the default dtype is
                 # float64, on the CPU for CUDA params, a number in old checkpoints): the same
                 # count, where the kernel reads it.
@@ -666,8 +676,7 @@ class _AdamFused(_Fused):
         for group in self.param_groups:
             for p in group["params"]:
                 step = self.state.get(p, {}).get("step")
-                if step is not None and not (isinstance(step, Tensor) and step.dtype == torch.float32
-                                             and step.device == p.device and step.dim() == 0):
+                if step is not None and not _kernel_step(step, p):
                     return False
         return True
 
