@@ -14,6 +14,7 @@
 #include <torch/extension.h>
 
 #include <algorithm>
+#include <atomic>
 #include <cstdint>
 #include <list>
 #include <map>
@@ -80,13 +81,27 @@ const at::Tensor* plain_tensor(PyObject* object) {
 // Only a list that matches no cached key has its words written out, for put(). A running hash
 // over every word would be one long dependent chain of multiplies, which cost as much as reading
 // the tensors.
+//
+// A list's tensors are read in blocks (see read_block). `marks` says where the words of each
+// block of each list start, and where the list's end, so that a lookup can compare the blocks of
+// a long list on several threads, each from its own mark: most of a lookup is waiting for memory,
+// and each core brings its own cache misses in flight.
 struct Key {
   std::vector<int64_t> words;
+  std::vector<int64_t> marks;
 };
 
-// The two ways a list's words are used: written into a key, or compared with a cached one.
+// How a walk went: kNotPlain when an element is not a tensor a plan describes, kDiffers when the
+// sink refused a word (a Matcher at the first difference); kNeedsGil when a worker thread met an
+// element whose type only the Python API can decide (a Tensor subclass), for the calling thread.
+enum class Walk { kNotPlain, kDiffers, kDone, kNeedsGil };
+
+// The two ways a list's words are used: written into a key, or compared with a cached one. Each
+// runs a list's blocks through blocks(count, walk), where walk(b, sink, gil) emits block b into
+// `sink`; gil: whether it runs on the thread that holds the GIL.
 struct Writer {
   std::vector<int64_t>& words;
+  std::vector<int64_t>& marks;
   size_t size = 0;
 
   bool operator()(int64_t word) {
@@ -96,12 +111,33 @@ struct Writer {
     words[size++] = word;
     return true;
   }
+
+  template <typename F>
+  Walk blocks(Py_ssize_t count, const F& walk) {
+    for (Py_ssize_t b = 0; b < count; ++b) {
+      marks.push_back(static_cast<int64_t>(size));
+      const Walk walked = walk(b, *this, true);
+      if (walked != Walk::kDone) {
+        return walked;
+      }
+    }
+    marks.push_back(static_cast<int64_t>(size));
+    return Walk::kDone;
+  }
+
   void finish() { words.resize(size); }
 };
 
+// Blocks per thread at least: a list of fewer than two such runs is compared on the calling
+// thread, where a fork and join would cost more than the second core saves.
+constexpr int64_t kBlocksPerThread = 2;
+
 struct Matcher {
+  const int64_t* words;  // the cached key's
   const int64_t* at;
   const int64_t* end;
+  const int64_t* mark;  // the cached key's next mark, and the end of its marks
+  const int64_t* last_mark;
 
   bool operator()(int64_t word) {
     if (at == end || *at != word) {
@@ -111,6 +147,58 @@ struct Matcher {
     return true;
   }
   bool done() const { return at == end; }
+
+  template <typename F>
+  Walk blocks(Py_ssize_t count, const F& walk) {
+    // The list's length matched, so the cached list had as many blocks; its marks say where.
+    if (last_mark - mark < count + 1 || words + *mark != at) {
+      return Walk::kDiffers;
+    }
+    const int64_t* marks = mark;
+    mark += count + 1;
+    at = words + marks[count];
+    // Block b equals the cached words between its two marks, all of them.
+    auto compare = [&](int64_t b, bool gil) {
+      Matcher block{words, words + marks[b], words + marks[b + 1], nullptr, nullptr};
+      const Walk walked = walk(b, block, gil);
+      return walked == Walk::kDone && !block.done() ? Walk::kDiffers : walked;
+    };
+    if (count < 2 * kBlocksPerThread || at::get_num_threads() < 2 || at::in_parallel_region()) {
+      for (Py_ssize_t b = 0; b < count; ++b) {
+        const Walk walked = compare(b, true);
+        if (walked != Walk::kDone) {
+          return walked;
+        }
+      }
+      return Walk::kDone;
+    }
+    // Worker threads read the tensors without the GIL: nothing else runs Python code while the
+    // calling thread, which holds it, waits here, so the list and its tensors stay as they are.
+    std::atomic<bool> not_plain{false}, differs{false};
+    std::vector<uint8_t> needs_gil(count, 0);
+    at::parallel_for(0, count, kBlocksPerThread, [&](int64_t begin, int64_t end) {
+      for (int64_t b = begin; b < end && !not_plain.load(std::memory_order_relaxed) &&
+                              !differs.load(std::memory_order_relaxed);
+           ++b) {
+        const Walk walked = compare(b, false);
+        if (walked == Walk::kNeedsGil) {
+          needs_gil[b] = 1;
+        } else if (walked == Walk::kNotPlain) {
+          not_plain = true;
+        } else if (walked == Walk::kDiffers) {
+          differs = true;
+        }
+      }
+    });
+    for (Py_ssize_t b = 0; b < count && !not_plain && !differs; ++b) {
+      if (needs_gil[b]) {
+        const Walk walked = compare(b, true);
+        not_plain = walked == Walk::kNotPlain;
+        differs = walked == Walk::kDiffers;
+      }
+    }
+    return not_plain ? Walk::kNotPlain : differs ? Walk::kDiffers : Walk::kDone;
+  }
 };
 
 template <typename Sink>
@@ -156,14 +244,20 @@ constexpr Py_ssize_t kBlock = 256;
 // links of one tensor depend on each other; those of different tensors do not. So a block of
 // tensors is read in passes, one link per pass over the block, each prefetching the next: many
 // cache misses are then in flight at once, where a walk tensor by tensor waits for each in turn
-// (on 10,000 tensors, most of a lookup's time). False when an element is not a tensor a plan
-// describes.
-bool read_block(PyObject* list, Py_ssize_t begin, Py_ssize_t end, bool graded, Slot* slots) {
+// (on 10,000 tensors, most of a lookup's time). kNotPlain when an element is not a tensor a plan
+// describes; without the GIL (gil false), kNeedsGil at an element that is not exactly a Tensor or
+// a Parameter, since only the Python API can say whether it is a tensor.
+Walk read_block(PyObject* list, Py_ssize_t begin, Py_ssize_t end, bool graded, bool gil, Slot* slots) {
   const Py_ssize_t n = end - begin;
   for (Py_ssize_t i = 0; i < n; ++i) {
     PyObject* object = PyList_GET_ITEM(list, begin + i);
-    if (!THPVariable_Check(object)) {
-      return false;
+    if (!THPVariable_CheckExact(object)) {
+      if (!gil) {
+        return Walk::kNeedsGil;
+      }
+      if (!THPVariable_Check(object)) {
+        return Walk::kNotPlain;
+      }
     }
     const c10::TensorImpl* impl = THPVariable_Unpack(object).unsafeGetTensorImpl();
     prefetch_lines(impl, 3);  // the fields a key reads span a TensorImpl's first three lines
@@ -172,7 +266,7 @@ bool read_block(PyObject* list, Py_ssize_t begin, Py_ssize_t end, bool graded, S
   for (Py_ssize_t i = 0; i < n; ++i) {
     const c10::TensorImpl* impl = slots[i].impl;
     if (!plain_impl(impl)) {
-      return false;
+      return Walk::kNotPlain;
     }
     prefetch_lines(impl->unsafe_storage().unsafeGetStorageImpl(), 2);
     if (graded && impl->autograd_meta() != nullptr) {
@@ -180,7 +274,7 @@ bool read_block(PyObject* list, Py_ssize_t begin, Py_ssize_t end, bool graded, S
     }
   }
   if (!graded) {
-    return true;
+    return Walk::kDone;
   }
   for (Py_ssize_t i = 0; i < n; ++i) {
     const auto* meta = static_cast<const torch::autograd::AutogradMeta*>(slots[i].impl->autograd_meta());
@@ -195,39 +289,38 @@ bool read_block(PyObject* list, Py_ssize_t begin, Py_ssize_t end, bool graded, S
       continue;
     }
     if (!plain_impl(grad) || grad->sizes() != slots[i].impl->sizes()) {
-      return false;
+      return Walk::kNotPlain;
     }
     prefetch_lines(grad->unsafe_storage().unsafeGetStorageImpl(), 2);
   }
-  return true;
+  return Walk::kDone;
 }
 
-enum class Walk { kNotPlain, kDiffers, kDone };
-
-// The words of a list's key into `sink`, block by block: kNotPlain when an element is not a tensor
-// a plan describes, kDiffers when the sink refused a word (a Matcher at the first difference).
+// The words of a list's key into `sink`: its length, then its blocks.
 template <typename Sink>
 Walk walk_list(PyObject* list, bool graded, Sink& sink) {
   const Py_ssize_t n = PyList_GET_SIZE(list);
   if (!sink(static_cast<int64_t>(n))) {
     return Walk::kDiffers;
   }
-  Slot slots[kBlock];
-  for (Py_ssize_t begin = 0; begin < n; begin += kBlock) {
+  return sink.blocks((n + kBlock - 1) / kBlock, [&](Py_ssize_t b, auto& block_sink, bool gil) {
+    const Py_ssize_t begin = b * kBlock;
     const Py_ssize_t end = std::min(n, begin + kBlock);
-    if (!read_block(list, begin, end, graded, slots)) {
-      return Walk::kNotPlain;
+    Slot slots[kBlock];
+    const Walk read = read_block(list, begin, end, graded, gil, slots);
+    if (read != Walk::kDone) {
+      return read;
     }
     for (Py_ssize_t i = 0; i < end - begin; ++i) {
-      if (!emit_tensor(sink, slots[i].impl)) {
+      if (!emit_tensor(block_sink, slots[i].impl)) {
         return Walk::kDiffers;
       }
-      if (graded && !(slots[i].grad == nullptr ? sink(0) : emit_tensor(sink, slots[i].grad))) {
+      if (graded && !(slots[i].grad == nullptr ? block_sink(0) : emit_tensor(block_sink, slots[i].grad))) {
         return Walk::kDiffers;
       }
     }
-  }
-  return Walk::kDone;
+    return Walk::kDone;
+  });
 }
 
 // The key of a call of `kind` over `list`, with the optimizer-state lists a plan may also address
@@ -269,8 +362,9 @@ class PlanCache {
   py::tuple lookup(const py::list& tensors, int64_t kind, const std::optional<py::list>& extra) {
     PyObject* more = extra.has_value() ? extra->ptr() : nullptr;
     for (auto it = entries_.begin(); it != entries_.end(); ++it) {
-      const std::vector<int64_t>& words = it->first.words;
-      Matcher matcher{words.data(), words.data() + words.size()};
+      const Key& cached = it->first;
+      Matcher matcher{cached.words.data(), cached.words.data(), cached.words.data() + cached.words.size(),
+                      cached.marks.data(), cached.marks.data() + cached.marks.size()};
       const Walk walked = walk_key(tensors.ptr(), kind, more, matcher);
       if (walked == Walk::kNotPlain) {
         return py::make_tuple(py::none(), py::none());
@@ -282,7 +376,7 @@ class PlanCache {
       }
     }
     Key key;
-    Writer writer{key.words};
+    Writer writer{key.words, key.marks};
     if (walk_key(tensors.ptr(), kind, more, writer) == Walk::kNotPlain) {
       return py::make_tuple(py::none(), py::none());
     }

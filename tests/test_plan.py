@@ -97,11 +97,25 @@ def test_a_swapped_grad_gets_a_new_plan(planner, backend):
     assert torch.equal(old, kept), "the replaced grad was written"
 
 
-@pytest.mark.parametrize("where", [0, 255, 256, 700])
-def test_a_change_anywhere_in_a_long_list_gets_a_new_plan(planner, where):
-    """The C++ key reads a list in blocks of 256 tensors: a change in any block, at its edges
-    included, is seen (a swapped .grad, a grad set to None, new data of the same size)."""
-    params = make([(3,)] * 701)
+@pytest.fixture(params=[1, 2], ids=["1-thread", "2-threads"])
+def threads(request):
+    """torch's intra-op threads: the C++ lookup compares a list of over 768 tensors on
+    several threads, block by block, and on the calling thread alone with one."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(request.param)
+    yield request.param
+    torch.set_num_threads(before)
+
+
+LONG = 1301  # six blocks of the C++ key: 256 tensors each, the last one of 21
+
+
+@pytest.mark.parametrize("where", [0, 255, 256, 700, 1023, 1024, 1300])
+def test_a_change_anywhere_in_a_long_list_gets_a_new_plan(planner, threads, where):
+    """The C++ key reads a list in blocks of 256 tensors, and compares them on several threads:
+    a change in any block, at its edges included, is seen (a swapped .grad, a grad set to None,
+    new data of the same size)."""
+    params = make([(3,)] * LONG)
 
     def plan():
         return _calls.prepare(params, "cpp", with_grads=True).plan
@@ -121,6 +135,42 @@ def test_a_change_anywhere_in_a_long_list_gets_a_new_plan(planner, where):
     changes(lambda: setattr(params[where], "grad", torch.randn(3)))
     changes(lambda: setattr(params[where], "grad", None))
     changes(new_data)
+
+
+class Subclass(torch.Tensor):
+    """A tensor subclass with a plain TensorImpl: only the Python API can say it is a tensor, so
+    the lookup's worker threads leave its block to the thread that holds the GIL."""
+
+
+def test_a_tensor_subclass_in_a_long_list(threads):
+    """The C++ key's (the Python key plans a list with a subclass anew on every call)."""
+    assert _build.planner() is not None
+    _plan.clear()
+    params = make([(3,)] * LONG)
+    params[1100] = make([(3,)], seed=1)[0].as_subclass(Subclass)
+    params[1100].grad = torch.randn(3)
+    check_grads(params, "cpp", l1=0.1, l2=0.2)
+    before = _calls.prepare(params, "cpp", with_grads=True).plan
+    assert _calls.prepare(params, "cpp", with_grads=True).plan is before
+    params[1100].grad = torch.randn(3)
+    assert _calls.prepare(params, "cpp", with_grads=True).plan is not before
+    check_grads(params, "cpp", l1=0.1, l2=0.2)
+
+
+@pytest.mark.parametrize("stranger", [None, 3.0, "w"], ids=["None", "float", "str"])
+def test_a_non_tensor_in_a_long_planned_list_is_named(planner, threads, stranger):
+    """A list whose length matches a cached one is compared block by block, on worker threads
+    that cannot ask Python what an element is: one that is not a tensor still gets the error
+    naming it, and nothing is written."""
+    params = make([(3,)] * LONG)
+    fastreg.add_penalty_grad_(params, l1=0.1, backend="cpp")
+    grads = [p.grad.clone() for p in params]
+    mixed = list(params)
+    mixed[1100] = stranger
+    with pytest.raises(TypeError, match=r"params\[1100\] is a"):
+        fastreg.add_penalty_grad_(mixed, l1=0.1, backend="cpp")
+    for p, g in zip(params, grads):
+        assert torch.equal(p.grad, g)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
