@@ -176,8 +176,8 @@ struct Matcher {
     // calling thread, which holds it, waits here, so the list and its tensors stay as they are.
     std::atomic<bool> not_plain{false}, differs{false};
     std::vector<uint8_t> needs_gil(count, 0);
-    at::parallel_for(0, count, kBlocksPerThread, [&](int64_t begin, int64_t end) {
-      for (int64_t b = begin; b < end && !not_plain.load(std::memory_order_relaxed) &&
+    at::parallel_for(0, count, kBlocksPerThread, [&](int64_t first, int64_t last) {
+      for (int64_t b = first; b < last && !not_plain.load(std::memory_order_relaxed) &&
                               !differs.load(std::memory_order_relaxed);
            ++b) {
         const Walk walked = compare(b, false);
